@@ -1,0 +1,28 @@
+# The two commands of the README: `make demo` and `make test`.  Each sets up .venv by itself (pinned versions).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: venv demo test test-fast bench clean
+
+venv: $(STAMP)
+
+$(STAMP): requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip setuptools
+	$(BIN)/pip install -q -r requirements.txt
+	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+demo: venv  ## federated semi-supervised demo: 3 synthetic sites in POC mode (real FLARE processes)
+	$(BIN)/python poc/run_demo.py $(DEMO_ARGS)
+
+test: venv  ## the whole test suite (what CI runs)
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+test-fast: venv  ## unit tests only, no FLARE processes
+	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+clean:
+	rm -rf .work build *.egg-info custom/*.egg-info

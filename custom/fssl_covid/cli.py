@@ -1,0 +1,201 @@
+"""``fssl``: the command line of the learner library (no FLARE needed).
+
+    fssl synth     make the synthetic multi-site CT federation (built-in demo and test data)
+    fssl train     local training of one site, or centralized training on pooled datalists
+    fssl evaluate  Dice of a checkpoint on a datalist
+    fssl predict   lesion masks (or probabilities) on the input's own grid
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+PRESETS_DIR = Path(__file__).resolve().parent / "presets"
+
+
+def config_path(name_or_path: str | None) -> Path | None:
+    """A config file path, or the name of a packaged preset (``fssl_covid/presets/<name>.json``)."""
+    if name_or_path is None:
+        return None
+    p = Path(name_or_path)
+    if p.suffix != ".json" and (PRESETS_DIR / f"{name_or_path}.json").is_file():
+        return PRESETS_DIR / f"{name_or_path}.json"
+    return p
+
+
+def _presets() -> str:
+    return ", ".join(sorted(p.stem for p in PRESETS_DIR.glob("*.json")))
+
+
+def _pooled(datalists: list[str], data_root: str | None) -> dict:
+    from .data import load_datalist
+
+    pooled: dict[str, list] = {}
+    for path in datalists:
+        for key, cases in load_datalist(path, data_root).items():
+            pooled.setdefault(key, []).extend(cases)
+    return pooled
+
+
+def cmd_synth(args) -> int:
+    from .synthetic import make_federation
+
+    t0 = time.time()
+    paths = make_federation(args.out, seed=args.seed, mosmed_dir=args.mosmed)
+    for site, datalist in paths.items():
+        print(f"{site}: {datalist}")
+    print(f"synthetic federation written to {Path(args.out).resolve()} in {time.time() - t0:.1f} s "
+          "(synthetic CT, not patient data)")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .config import load_config
+    from .trainer import SegmentationTrainer
+
+    cfg = load_config(config_path(args.config))
+    if args.supervised:
+        cfg["ssl"]["enabled"] = False
+    if args.epochs is not None:
+        cfg["train"]["epochs"] = args.epochs
+    if args.seed is not None:
+        cfg["train"]["seed"] = args.seed
+    data = _pooled(args.datalist, args.data_root)
+    if args.validation_datalist:
+        data["validation"] = _pooled([args.validation_datalist], None).get("validation", [])
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    trainer = SegmentationTrainer(cfg, data, device=args.device)
+    print(f"training on {len(trainer.labeled_cases)} labeled, {len(trainer.unlabeled_cases)} unlabeled, "
+          f"{len(trainer.validation_cases)} validation cases, device {trainer.device}")
+    t0 = time.time()
+
+    def report(epoch, stats, metrics):
+        dice = "-" if metrics is None else f"{metrics['val_dice']:.4f}"
+        print(f"epoch {epoch:3d}  loss {stats['loss']:.4f}  sup {stats['sup_loss']:.4f}  "
+              f"unsup {stats['unsup_loss']:.4f}  val_dice {dice}  ({time.time() - t0:.0f} s)", flush=True)
+
+    result = trainer.fit(on_epoch=report)
+    trainer.save_checkpoint(out / "model_final.pt")
+    if trainer.best_weights is not None:
+        trainer.save_checkpoint(out / "model_best.pt", weights=trainer.best_weights)
+    (out / "history.json").write_text(json.dumps({**result, "config": trainer.cfg}, indent=1))
+    print(f"best val_dice {result['best_val_dice']}; checkpoints and history.json in {out}")
+    return 0
+
+
+def _trainer_for(model: str, config: str | None, device: str | None):
+    from .config import load_config
+    from .trainer import SegmentationTrainer, load_checkpoint
+
+    state, cfg = load_checkpoint(model, load_config(config_path(config)) if config else None)
+    trainer = SegmentationTrainer(cfg, {}, device=device)
+    trainer.set_weights(state)
+    return trainer
+
+
+def cmd_evaluate(args) -> int:
+    from .data import load_datalist
+
+    trainer = _trainer_for(args.model, args.config, args.device)
+    cases = load_datalist(args.datalist, args.data_root)[args.key]
+    if not cases:
+        print(f"error: datalist {args.datalist} has no '{args.key}' cases", file=sys.stderr)
+        return 2
+    metrics = trainer.evaluate(cases)
+    print(json.dumps(metrics))
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from .inference import predict_files
+
+    images: list[Path] = []
+    for item in map(Path, args.input):
+        if item.is_dir():
+            images.extend(sorted(p for p in item.iterdir() if p.name.endswith((".nii", ".nii.gz"))))
+        elif item.is_file():
+            images.append(item)
+        else:
+            print(f"error: input {item} does not exist", file=sys.stderr)
+            return 2
+    if not images:
+        print("error: no NIfTI images (*.nii, *.nii.gz) in the inputs", file=sys.stderr)
+        return 2
+    trainer = _trainer_for(args.model, args.config, args.device)
+    written = predict_files(trainer, images, args.out, probabilities=args.probabilities, threshold=args.threshold)
+    print(f"wrote {len(written)} {'probability maps' if args.probabilities else 'masks'} to {Path(args.out).resolve()}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fssl", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("synth", help="write the synthetic multi-site CT federation (china, italy, japan)",
+                       description="Write synthetic 3D chest CT volumes (HU) with COVID-like lesions and one "
+                                   "datalist per site. Synthetic data, not patient data.")
+    p.add_argument("--out", required=True, help="output folder (one subfolder per site)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mosmed", default=None, help="optional folder of real 3D lesion masks (MosMedData "
+                                                  "study_*_mask.nii.gz) used as lesion shapes; only read")
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("train", help="local training of one site, or centralized training on pooled datalists",
+                       description="Train on one datalist (local) or several (pooled = centralized). "
+                                   "Semi-supervised unless --supervised. Writes model_final.pt, model_best.pt "
+                                   "and history.json to --out.")
+    p.add_argument("--datalist", action="append", required=True, help="datalist JSON; repeat to pool sites")
+    p.add_argument("--data-root", default=None, help="root of relative paths (default: the datalist's folder)")
+    p.add_argument("--validation-datalist", default=None, help="take 'validation' cases from this datalist only")
+    p.add_argument("--config", default=None, help=f"config JSON, or a preset name ({_presets()})")
+    p.add_argument("--supervised", action="store_true", help="ignore unlabeled data (ssl.enabled = false)")
+    p.add_argument("--epochs", type=int, default=None, help="override train.epochs")
+    p.add_argument("--seed", type=int, default=None, help="override train.seed")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
+    p.add_argument("--out", required=True, help="output folder")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="Dice of a checkpoint on a datalist",
+                       description="Print {'val_dice', 'val_cases'} of a checkpoint on one key of a datalist.")
+    p.add_argument("--model", required=True, help="checkpoint (.pt) from fssl train or a FLARE job")
+    p.add_argument("--config", default=None, help="config for checkpoints that carry none (FLARE's FL_global_model.pt)")
+    p.add_argument("--datalist", required=True)
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--key", default="validation", choices=["training", "validation", "test"])
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("predict", help="write lesion masks (or probabilities) on the input's own grid",
+                       description="For every input NIfTI, write a NIfTI with the same shape, affine and file "
+                                   "name into --out: a 0/1 mask, or the lesion probability with --probabilities.")
+    p.add_argument("--model", required=True, help="checkpoint (.pt)")
+    p.add_argument("--config", default=None, help="config for checkpoints that carry none")
+    p.add_argument("--input", nargs="+", required=True, help="NIfTI files or folders")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--probabilities", action="store_true", help="write float lesion probabilities")
+    p.add_argument("--threshold", type=float, default=None, help="mask threshold (default inference.threshold)")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_predict)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:  # DataError and ConfigError are ValueErrors
+        from .data import root_cause
+
+        print(f"error: {root_cause(e)}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,170 @@
+"""Training configuration: one nested dict with documented defaults.
+
+A configuration is plain JSON so that it can live in a FLARE job config (``config_fed_client.json``), in a
+file passed to ``fssl train --config``, or inside a checkpoint.  :func:`resolve_config` merges a partial
+configuration over :data:`DEFAULTS` and checks it, so every knob has a sane default and a typo fails loudly.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+DEFAULTS: dict[str, Any] = {
+    "data": {
+        # 3 for CT volumes, 2 for single slices stored as (W, H, 1) NIfTI.
+        "spatial_dims": 3,
+        # Input intensity window mapped linearly to 0..1 and clipped (lung window in HU for CT;
+        # [0, 255] for 8-bit display slices such as COVID-SemiSeg).
+        "intensity_range": [-1000.0, 500.0],
+        # 3D only: target voxel size in mm (null: keep the file's grid) and orientation.
+        "spacing": [1.5, 1.5, 3.0],
+        "orientation": "RAS",
+        # 3D: training patch size (voxels) and sliding-window size.  2D: every slice is resized to this.
+        "patch_size": [64, 64, 32],
+        # 3D patch sampling balanced between lesion (pos) and background (neg) centres.
+        "pos": 1.0,
+        "neg": 1.0,
+        "samples_per_image": 2,
+        # Deterministic preprocessing is cached in memory once per site (the data does not change between rounds).
+        "cache_rate": 1.0,
+    },
+    "network": {
+        # "unet" (monai.networks.nets.UNet) or "segresnet" (monai.networks.nets.SegResNet).
+        "name": "unet",
+        "spatial_dims": 3,
+        "in_channels": 1,
+        "out_channels": 2,
+        # UNet: encoder widths and strides; SegResNet: init_filters and blocks_down.
+        "channels": [16, 32, 64, 128],
+        "strides": [2, 2, 2],
+        "num_res_units": 2,
+        "norm": "instance",
+        "dropout": 0.0,
+        "init_filters": 16,
+        "blocks_down": [1, 2, 2, 4],
+    },
+    "ssl": {
+        # Fed-Consist: the teacher predicts on a weakly perturbed view, confident voxels become pseudo-labels
+        # and the student learns them on a strongly perturbed view.
+        "enabled": True,
+        # "global": frozen copy of the model received at the start of the round (or of the training call);
+        # "ema": local exponential moving average of the student, never sent anywhere.
+        "teacher": "global",
+        "ema_decay": 0.99,
+        # Voxels whose teacher confidence (max softmax probability) is below this are ignored.
+        # 0 keeps every voxel (the "no confidence threshold" ablation).
+        "confidence_threshold": 0.9,
+        # "ce" or "dice_ce" (masked cross-entropy, plus a masked soft Dice on the lesion class).
+        "unsup_loss": "dice_ce",
+        # loss = supervised + lambda(t) * unsupervised; lambda is 0 during warm-up, then ramps up (sigmoid
+        # ramp of Laine & Aila) to unsup_weight.  t counts epochs (in FL: round * epochs_per_round + epoch).
+        "unsup_weight": 1.0,
+        "warmup_epochs": 1,
+        "rampup_epochs": 4,
+        # The weak view is intensity-only, so the teacher's output stays on the image grid.
+        "weak": {"noise_std": 0.0, "intensity_scale": 0.0, "intensity_shift": 0.0},
+        "strong": {"noise_std": 0.05, "intensity_scale": 0.15, "intensity_shift": 0.1,
+                   "flip_prob": 0.5, "rotate_deg": 10.0, "scale": 0.1},
+    },
+    "train": {
+        "optimizer": "adamw",  # "adamw" or "sgd"
+        "lr": 1e-3,
+        "min_lr": 1e-5,
+        "weight_decay": 1e-5,
+        "momentum": 0.9,
+        # "cosine" over the whole training horizon (all rounds in FL) or "constant".
+        "scheduler": "cosine",
+        "batch_size": 2,
+        "unlabeled_batch_size": 2,
+        # Iterations per epoch (one labeled and, when the unsupervised term is active, one unlabeled batch each).
+        "iterations_per_epoch": 20,
+        "epochs": 1,
+        # Augmentation of labeled batches (same batched perturbation as the SSL strong view).
+        "augment": {"noise_std": 0.02, "intensity_scale": 0.1, "intensity_shift": 0.05,
+                    "flip_prob": 0.5, "rotate_deg": 10.0, "scale": 0.1},
+        "amp": True,  # only used on CUDA
+        "seed": 0,
+        "num_threads": 0,  # torch CPU threads; 0 keeps torch's default
+    },
+    "inference": {
+        "sw_batch_size": 4,
+        "overlap": 0.25,
+        "threshold": 0.5,
+    },
+}
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or inconsistent."""
+
+
+def _merge(base: dict, override: Mapping, path: str) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if key not in base:
+            raise ConfigError(f"unknown configuration key '{path}{key}' (known: {', '.join(sorted(base))})")
+        if isinstance(base[key], dict) and base[key] and not isinstance(value, Mapping):
+            raise ConfigError(f"configuration key '{path}{key}' must be an object")
+        if isinstance(base[key], dict) and base[key]:
+            out[key] = _merge(base[key], value, f"{path}{key}.")
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def resolve_config(partial: Mapping | None = None) -> dict:
+    """Return a full configuration: ``partial`` merged over :data:`DEFAULTS`, then checked."""
+    cfg = _merge(DEFAULTS, partial or {}, "")
+    _check(cfg)
+    return cfg
+
+
+def load_config(path: str | Path | None) -> dict:
+    """Read a JSON configuration file (partial is fine) and resolve it; ``None`` gives the defaults."""
+    if path is None:
+        return resolve_config()
+    path = Path(path)
+    try:
+        partial = json.loads(path.read_text())
+    except FileNotFoundError as e:
+        raise ConfigError(f"configuration file {path} does not exist") from e
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"configuration file {path} is not valid JSON: {e}") from e
+    try:
+        return resolve_config(partial)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from e
+
+
+def _check(cfg: dict) -> None:
+    data, net, ssl, train = cfg["data"], cfg["network"], cfg["ssl"], cfg["train"]
+    dims = data["spatial_dims"]
+    if dims not in (2, 3):
+        raise ConfigError(f"data.spatial_dims must be 2 or 3, got {dims}")
+    if net["spatial_dims"] != dims:
+        raise ConfigError(f"network.spatial_dims ({net['spatial_dims']}) differs from data.spatial_dims ({dims})")
+    if len(data["patch_size"]) != dims:
+        raise ConfigError(f"data.patch_size {data['patch_size']} must have {dims} entries")
+    if dims == 3 and data["spacing"] is not None and len(data["spacing"]) != 3:
+        raise ConfigError(f"data.spacing {data['spacing']} must have 3 entries (or be null)")
+    lo, hi = data["intensity_range"]
+    if not lo < hi:
+        raise ConfigError(f"data.intensity_range {data['intensity_range']} must be [low, high] with low < high")
+    if net["name"] not in ("unet", "segresnet"):
+        raise ConfigError(f"network.name must be 'unet' or 'segresnet', got '{net['name']}'")
+    if ssl["teacher"] not in ("global", "ema"):
+        raise ConfigError(f"ssl.teacher must be 'global' or 'ema', got '{ssl['teacher']}'")
+    if ssl["unsup_loss"] not in ("ce", "dice_ce"):
+        raise ConfigError(f"ssl.unsup_loss must be 'ce' or 'dice_ce', got '{ssl['unsup_loss']}'")
+    if not 0.0 <= ssl["confidence_threshold"] < 1.0:
+        raise ConfigError(f"ssl.confidence_threshold must be in [0, 1), got {ssl['confidence_threshold']}")
+    if train["optimizer"] not in ("adamw", "sgd"):
+        raise ConfigError(f"train.optimizer must be 'adamw' or 'sgd', got '{train['optimizer']}'")
+    if train["scheduler"] not in ("cosine", "constant"):
+        raise ConfigError(f"train.scheduler must be 'cosine' or 'constant', got '{train['scheduler']}'")
+    for key in ("batch_size", "unlabeled_batch_size", "iterations_per_epoch", "epochs"):
+        if int(train[key]) < 1:
+            raise ConfigError(f"train.{key} must be at least 1, got {train[key]}")

@@ -1,0 +1,209 @@
+"""Site data: decathlon-style datalists and MONAI preprocessing for 2D slices and 3D CT volumes.
+
+A site's data is a JSON datalist (MONAI decathlon style) whose paths are relative to a data root::
+
+    {"training":   [{"image": "imagesTr/a.nii.gz", "label": "labelsTr/a.nii.gz"}, ...],
+     "validation": [{"image": ..., "label": ...}, ...],     # optional
+     "unlabeled":  [{"image": ...}, ...],                    # optional
+     "test":       [{"image": ..., "label": ...}, ...]}      # optional, held out
+
+2D and 3D differ only in configuration (``data.spatial_dims``); the same transform chain serves both.
+Deterministic preprocessing is cached once (``CacheDataset``); random patch sampling runs per iteration.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+from monai.data import CacheDataset, DataLoader, Dataset, list_data_collate
+from monai.transforms import (
+    Compose,
+    EnsureChannelFirstd,
+    EnsureTyped,
+    LoadImaged,
+    MapTransform,
+    Orientationd,
+    RandCropByPosNegLabeld,
+    RandSpatialCropSamplesd,
+    Resized,
+    ScaleIntensityRanged,
+    Spacingd,
+    SpatialPadd,
+)
+
+DATALIST_KEYS = ("training", "validation", "unlabeled", "test")
+
+
+class DataError(ValueError):
+    """Site data that cannot be used; the message names the file and the problem."""
+
+
+def load_datalist(path: str | Path, data_root: str | Path | None = None) -> dict[str, list[dict]]:
+    """Read a datalist and return every known key as a list of cases with absolute paths.
+
+    ``data_root`` defaults to the datalist's folder.  Missing keys become empty lists; unknown keys are ignored.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"datalist {path} does not exist")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise DataError(f"datalist {path} is not valid JSON: {e}") from e
+    if not isinstance(raw, dict) or not any(k in raw for k in DATALIST_KEYS):
+        raise DataError(f"datalist {path} has none of the keys {', '.join(DATALIST_KEYS)}")
+    root = Path(data_root) if data_root is not None else path.parent
+    if not root.is_dir():
+        raise DataError(f"data root {root} (for datalist {path}) does not exist")
+    out: dict[str, list[dict]] = {}
+    for key in DATALIST_KEYS:
+        cases = raw.get(key, []) or []
+        if not isinstance(cases, list):
+            raise DataError(f"datalist {path}: '{key}' must be a list")
+        resolved = []
+        for i, case in enumerate(cases):
+            if isinstance(case, str):
+                case = {"image": case}
+            if not isinstance(case, dict) or "image" not in case:
+                raise DataError(f"datalist {path}: {key}[{i}] has no 'image'")
+            if key != "unlabeled" and "label" not in case:
+                raise DataError(f"datalist {path}: {key}[{i}] ({case['image']}) has no 'label'")
+            item = {"image": str(root / case["image"])}
+            if key != "unlabeled":
+                item["label"] = str(root / case["label"])
+            resolved.append(item)
+        out[key] = resolved
+    return out
+
+
+class EnsureSpatialDimsd(MapTransform):
+    """Bring channel-first arrays to the configured number of spatial dims.
+
+    2D slices are stored as (W, H, 1): the singleton third axis is dropped.  A real volume given to a 2D
+    configuration, or a single slice given to a 3D one, is refused with the file's name.
+    """
+
+    def __init__(self, keys, spatial_dims: int, allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.spatial_dims = spatial_dims
+
+    def __call__(self, data):
+        d = dict(data)
+        for key in self.key_iterator(d):
+            x = d[key]
+            spatial = tuple(x.shape[1:])
+            name = _source_name(x)
+            if self.spatial_dims == 2:
+                if len(spatial) == 3 and spatial[2] == 1:
+                    x = x[..., 0]
+                elif len(spatial) != 2:
+                    raise DataError(f"{name}: a 2D configuration needs (W, H) or (W, H, 1) images, got {spatial}")
+            elif len(spatial) != 3 or min(spatial) == 1:
+                raise DataError(f"{name}: a 3D configuration needs a volume, got spatial shape {spatial}")
+            d[key] = x
+        return d
+
+
+class BinarizeLabeld(MapTransform):
+    """Lesion masks become 0/1 (multi-class lesion labels such as GGO/consolidation are merged)."""
+
+    def __call__(self, data):
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = (d[key] > 0.5).to(torch.float32) if isinstance(d[key], torch.Tensor) else (d[key] > 0.5)
+        return d
+
+
+def root_cause(error: BaseException) -> str:
+    """The innermost message of an exception chain (MONAI wraps transform errors in "applying transform ...")."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    return str(error)
+
+
+def _source_name(x) -> str:
+    meta = getattr(x, "meta", None) or {}
+    return str(meta.get("filename_or_obj", "image"))
+
+
+def preprocessing(cfg: Mapping, keys: Sequence[str] = ("image", "label"), pad: bool = True) -> list:
+    """Deterministic preprocessing (cached): load, channel first, 2D/3D check, orientation and spacing (3D),
+    intensity window to 0..1, label binarization, resize (2D) or pad to the patch size (3D training)."""
+    data = cfg["data"]
+    dims = data["spatial_dims"]
+    keys = list(keys)
+    has_label = "label" in keys
+    modes = ["bilinear", "nearest"] if has_label else ["bilinear"]
+    lo, hi = data["intensity_range"]
+    xforms: list = [
+        LoadImaged(keys=keys, image_only=True),
+        EnsureChannelFirstd(keys=keys),
+        EnsureSpatialDimsd(keys=keys, spatial_dims=dims),
+    ]
+    if dims == 3:
+        if data["orientation"]:
+            xforms.append(Orientationd(keys=keys, axcodes=data["orientation"]))
+        if data["spacing"]:
+            xforms.append(Spacingd(keys=keys, pixdim=data["spacing"], mode=modes))
+    xforms.append(ScaleIntensityRanged(keys="image", a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True))
+    if has_label:
+        xforms.append(BinarizeLabeld(keys="label"))
+    if dims == 2:
+        xforms.append(Resized(keys=keys, spatial_size=data["patch_size"], mode=["area", "nearest"][: len(keys)]))
+    elif pad:
+        xforms.append(SpatialPadd(keys=keys, spatial_size=data["patch_size"]))
+    xforms.append(EnsureTyped(keys=keys, dtype=torch.float32))
+    return xforms
+
+
+def patch_sampling(cfg: Mapping, labeled: bool) -> list:
+    """Random patch sampling for 3D training: balanced lesion/background centres for labeled cases,
+    uniform for unlabeled ones.  2D slices are used whole (already resized)."""
+    data = cfg["data"]
+    if data["spatial_dims"] == 2:
+        return []
+    n = int(data["samples_per_image"])
+    if labeled:
+        return [RandCropByPosNegLabeld(keys=["image", "label"], label_key="label", spatial_size=data["patch_size"],
+                                       pos=data["pos"], neg=data["neg"], num_samples=n, allow_smaller=False)]
+    return [RandSpatialCropSamplesd(keys=["image"], roi_size=data["patch_size"], num_samples=n, random_size=False)]
+
+
+def training_dataset(cfg: Mapping, cases: Sequence[dict], labeled: bool, seed: int = 0) -> CacheDataset:
+    keys = ("image", "label") if labeled else ("image",)
+    transform = Compose(preprocessing(cfg, keys) + patch_sampling(cfg, labeled))
+    transform.set_random_state(seed=seed)
+    return CacheDataset(list(cases), transform=transform, cache_rate=cfg["data"]["cache_rate"], num_workers=0,
+                        progress=False)
+
+
+def evaluation_dataset(cfg: Mapping, cases: Sequence[dict], with_label: bool = True) -> CacheDataset:
+    keys = ("image", "label") if with_label else ("image",)
+    return CacheDataset(list(cases), transform=Compose(preprocessing(cfg, keys, pad=False)),
+                        cache_rate=cfg["data"]["cache_rate"], num_workers=0, progress=False)
+
+
+def inference_dataset(cfg: Mapping, images: Sequence[str]) -> Dataset:
+    """Images to segment (no caching: each is read once)."""
+    return Dataset([{"image": str(p)} for p in images], transform=Compose(preprocessing(cfg, ("image",), pad=False)))
+
+
+def infinite_batches(dataset, batch_size: int, seed: int) -> Iterator[dict]:
+    """Shuffled batches forever, reshuffled each pass (seeded); loader built once and reused."""
+    generator = torch.Generator().manual_seed(seed)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=len(dataset) >= batch_size,
+                        num_workers=0, collate_fn=list_data_collate, generator=generator)
+    while True:
+        yield from loader
+
+
+def evaluation_loader(dataset, batch_size: int = 1) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0, collate_fn=list_data_collate)
+
+
+def to_numpy_mask(x: torch.Tensor) -> np.ndarray:
+    return x.detach().cpu().numpy().astype(np.uint8)

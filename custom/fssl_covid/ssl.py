@@ -1,0 +1,174 @@
+"""The semi-supervised objective (Fed-Consist): confidence-filtered pseudo-labels and consistency training.
+
+For an unlabeled batch ``x``:
+
+1. the teacher predicts class probabilities on a weakly perturbed view ``weak(x)``;
+2. a random geometric transform ``g`` (flips, in-plane rotation, scaling) and a strong intensity perturbation
+   ``s`` are drawn per sample; the student sees ``g(s(x))``;
+3. the teacher's probabilities are warped by the same ``g``; voxels whose confidence (max probability) is at
+   least ``tau`` become pseudo-labels (arg-max), the others (and voxels warped in from outside) are ignored;
+4. the unsupervised loss is the masked cross-entropy (plus a masked soft Dice on the lesion class) between the
+   student's prediction and the pseudo-labels.
+
+Perturbations run batched on the training device (GPU when present), so geometry is applied identically to the
+image and to the teacher's output without a round trip through per-sample CPU transforms.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+import torch.nn.functional as F
+
+
+def sigmoid_rampup(t: float, warmup: float, length: float) -> float:
+    """0 before ``warmup``, then exp(-5 (1 - p)^2) with p going 0 -> 1 over ``length`` (Laine & Aila, 2017)."""
+    if t < warmup:
+        return 0.0
+    if length <= 0:
+        return 1.0
+    p = min(1.0, (t - warmup) / length)
+    return float(math.exp(-5.0 * (1.0 - p) ** 2))
+
+
+def unsup_weight(ssl_cfg: Mapping, epoch: float) -> float:
+    """lambda(t): the weight of the unsupervised term at (global) epoch ``epoch``."""
+    if not ssl_cfg["enabled"]:
+        return 0.0
+    return float(ssl_cfg["unsup_weight"]) * sigmoid_rampup(epoch, ssl_cfg["warmup_epochs"], ssl_cfg["rampup_epochs"])
+
+
+@dataclass
+class PerturbParams:
+    """One draw of a batched perturbation: affine matrices for ``F.affine_grid`` and intensity factors."""
+
+    theta: torch.Tensor | None  # (B, d, d+1) or None when the geometry is the identity
+    scale: torch.Tensor  # (B,) intensity scale
+    shift: torch.Tensor  # (B,) intensity shift
+    noise_std: float
+
+
+class Perturbation:
+    """Random, batched perturbation of images: Gaussian noise, intensity scale/shift, flips, small affine.
+
+    ``cfg`` keys: ``noise_std``, ``intensity_scale``, ``intensity_shift`` (uniform ranges around 1 and 0),
+    ``flip_prob`` (per spatial axis), ``rotate_deg`` (in the plane of the first two spatial axes, i.e. the axial
+    plane of RAS CT), ``scale`` (isotropic zoom range around 1).
+    """
+
+    def __init__(self, cfg: Mapping, generator: torch.Generator | None = None):
+        self.cfg = dict(cfg)
+        self.generator = generator
+
+    @property
+    def has_geometry(self) -> bool:
+        c = self.cfg
+        return c.get("flip_prob", 0) > 0 or c.get("rotate_deg", 0) > 0 or c.get("scale", 0) > 0
+
+    def _uniform(self, n: int, half_width: float) -> torch.Tensor:
+        return (torch.rand(n, generator=self.generator) * 2.0 - 1.0) * half_width
+
+    def sample(self, batch_size: int, spatial_dims: int) -> PerturbParams:
+        c = self.cfg
+        scale = 1.0 + self._uniform(batch_size, c.get("intensity_scale", 0.0))
+        shift = self._uniform(batch_size, c.get("intensity_shift", 0.0))
+        theta = None
+        if self.has_geometry:
+            d = spatial_dims
+            mats = torch.eye(d).repeat(batch_size, 1, 1)
+            angle = self._uniform(batch_size, math.radians(c.get("rotate_deg", 0.0)))
+            cos, sin = torch.cos(angle), torch.sin(angle)
+            # affine_grid orders grid coordinates last-axis first: spatial axes 0 and 1 are grid comps d-1, d-2.
+            a, b = d - 1, d - 2
+            rot = torch.eye(d).repeat(batch_size, 1, 1)
+            rot[:, a, a], rot[:, a, b], rot[:, b, a], rot[:, b, b] = cos, -sin, sin, cos
+            zoom = 1.0 + self._uniform(batch_size, c.get("scale", 0.0))
+            flips = torch.where(torch.rand(batch_size, d, generator=self.generator) < c.get("flip_prob", 0.0), -1.0, 1.0)
+            mats = rot @ torch.diag_embed(flips) * zoom[:, None, None]
+            theta = torch.cat([mats, torch.zeros(batch_size, d, 1)], dim=2)
+        return PerturbParams(theta=theta, scale=scale, shift=shift, noise_std=float(c.get("noise_std", 0.0)))
+
+    def intensity(self, x: torch.Tensor, p: PerturbParams) -> torch.Tensor:
+        shape = (-1,) + (1,) * (x.dim() - 1)
+        out = x * p.scale.to(x.device).view(shape) + p.shift.to(x.device).view(shape)
+        if p.noise_std > 0:
+            noise = torch.randn(x.shape, generator=self.generator).to(x.device)
+            out = out + noise * p.noise_std
+        return out
+
+    @staticmethod
+    def geometry(x: torch.Tensor, p: PerturbParams, mode: str = "bilinear") -> torch.Tensor:
+        """Warp ``x`` (B, C, *spatial) by the sampled affine; outside the field of view becomes 0."""
+        if p.theta is None:
+            return x
+        grid = F.affine_grid(p.theta.to(x.device, x.dtype), list(x.shape), align_corners=False)
+        return F.grid_sample(x, grid, mode=mode, padding_mode="zeros", align_corners=False)
+
+    def __call__(self, x: torch.Tensor, label: torch.Tensor | None = None):
+        """Perturb an image batch (and its label identically in geometry); returns (x', label')."""
+        p = self.sample(x.shape[0], x.dim() - 2)
+        x = self.geometry(self.intensity(x, p), p)
+        if label is not None:
+            label = self.geometry(label.float(), p, mode="nearest")
+        return x, label
+
+
+def pseudo_labels(teacher_probs: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Confidence filter: returns (labels (B, *spatial) int64, mask (B, *spatial) float).
+
+    ``mask`` is 1 where the teacher's max class probability is >= ``threshold``.  Voxels with no probability
+    mass (warped in from outside the image) are always ignored, whatever the threshold.
+    """
+    confidence, labels = teacher_probs.max(dim=1)
+    mask = (confidence >= threshold) & (teacher_probs.sum(dim=1) > 0.5)
+    return labels, mask.float()
+
+
+def masked_consistency_loss(student_logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
+                            with_dice: bool = True, eps: float = 1e-5) -> torch.Tensor:
+    """Cross-entropy on confident voxels (averaged over all voxels, so few confident voxels give a small loss),
+    plus optionally a soft Dice on the foreground classes restricted to confident voxels."""
+    ce = F.cross_entropy(student_logits.float(), labels, reduction="none")
+    loss = (ce * mask).sum() / mask.numel()
+    if with_dice:
+        probs = torch.softmax(student_logits.float(), dim=1)[:, 1:]
+        onehot = F.one_hot(labels, student_logits.shape[1]).movedim(-1, 1)[:, 1:].float()
+        m = mask.unsqueeze(1)
+        dims = tuple(range(2, probs.dim()))
+        inter = (probs * onehot * m).sum(dims)
+        denom = ((probs + onehot) * m).sum(dims)
+        present = onehot.mul(m).sum(dims) > 0  # Dice only where the teacher found (confident) lesion
+        if present.any():
+            dice = 1.0 - (2.0 * inter + eps) / (denom + eps)
+            loss = loss + dice[present].mean()
+    return loss
+
+
+class ConsistencyObjective:
+    """Computes the unsupervised loss of a student against a teacher on one unlabeled batch."""
+
+    def __init__(self, ssl_cfg: Mapping, generator: torch.Generator | None = None):
+        self.cfg = ssl_cfg
+        self.weak = Perturbation(ssl_cfg["weak"], generator)
+        self.strong = Perturbation(ssl_cfg["strong"], generator)
+
+    def __call__(self, student: torch.nn.Module, teacher: torch.nn.Module, x: torch.Tensor,
+                 autocast=None) -> tuple[torch.Tensor, dict]:
+        dims = x.dim() - 2
+        with torch.no_grad():
+            xw = self.weak.intensity(x, self.weak.sample(x.shape[0], dims))  # weak view: intensity only
+            with autocast():
+                probs = torch.softmax(teacher(xw).float(), dim=1)
+        p = self.strong.sample(x.shape[0], dims)
+        xs = self.strong.geometry(self.strong.intensity(x, p), p)
+        probs = self.strong.geometry(probs, p)
+        labels, mask = pseudo_labels(probs, self.cfg["confidence_threshold"])
+        with autocast():
+            logits = student(xs)
+        loss = masked_consistency_loss(logits, labels, mask, with_dice=self.cfg["unsup_loss"] == "dice_ce")
+        stats = {"confident_fraction": float(mask.mean()),
+                 "pseudo_lesion_fraction": float((labels > 0).float().mul(mask).sum() / mask.sum().clamp(min=1))}
+        return loss, stats

@@ -1,0 +1,352 @@
+"""Local trainer and evaluator: one training loop for supervised, semi-supervised and unlabeled-only sites.
+
+``SegmentationTrainer`` knows nothing about FLARE.  The FLARE Executor calls :meth:`run_round` with the global
+weights it received; a researcher calls :meth:`fit` (or ``fssl train``) for local or centralized training.
+Everything heavy (cached datasets, loaders, model, optimizer) is built once and reused across rounds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping
+
+import numpy as np
+import torch
+from monai.inferers import sliding_window_inference
+from monai.losses import DiceCELoss
+from monai.metrics import DiceMetric
+from monai.utils import set_determinism
+
+from .config import resolve_config
+from .data import evaluation_dataset, evaluation_loader, infinite_batches, training_dataset
+from .networks import build_network
+from .ssl import ConsistencyObjective, Perturbation, unsup_weight
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RoundResult:
+    """What federated learning needs back from one round of local training."""
+
+    weights: dict[str, torch.Tensor]
+    n_labeled: int  # labeled training cases used this round
+    n_unlabeled: int  # unlabeled cases used this round (0 while the unsupervised term is off)
+    labeled_samples_seen: int
+    unlabeled_samples_seen: int
+    iterations: int
+    metrics_before: dict | None  # validation metrics of the model as it arrived (None without validation data)
+    metrics_after: dict | None  # ... and as it leaves
+    losses: dict = field(default_factory=dict)
+    aborted: bool = False
+
+
+def resolve_device(device: str | None = "auto") -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class SegmentationTrainer:
+    """Trains and evaluates one segmentation network on one site's (or a pooled) datalist.
+
+    Args:
+        config: a (partial) configuration, see :mod:`fssl_covid.config`.
+        datalist: ``{"training": [...], "validation": [...], "unlabeled": [...]}`` with absolute paths
+            (see :func:`fssl_covid.data.load_datalist`); any key may be missing or empty.
+        device: "auto" (CUDA when available), "cpu", "cuda", "cuda:1", ...
+    """
+
+    def __init__(self, config: Mapping | None, datalist: Mapping[str, list], device: str | None = "auto",
+                 logger: logging.Logger | None = None):
+        self.cfg = resolve_config(config)
+        self.log = logger or log
+        tcfg = self.cfg["train"]
+        self.seed = int(tcfg["seed"])
+        set_determinism(seed=self.seed)
+        if tcfg["num_threads"]:
+            torch.set_num_threads(int(tcfg["num_threads"]))
+        self.device = resolve_device(device)
+        self.use_amp = bool(tcfg["amp"]) and self.device.type == "cuda"
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+
+        self.labeled_cases = list(datalist.get("training") or [])
+        self.unlabeled_cases = list(datalist.get("unlabeled") or []) if self.cfg["ssl"]["enabled"] else []
+        self.validation_cases = list(datalist.get("validation") or [])
+
+        self.model = build_network(**self.cfg["network"]).to(self.device)
+        self.optimizer = self._make_optimizer()
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+        self.sup_loss = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False, batch=True)
+        self.generator = torch.Generator().manual_seed(self.seed)
+        self.augment = Perturbation(tcfg["augment"], self.generator)
+        self.consistency = ConsistencyObjective(self.cfg["ssl"], self.generator)
+        self.ema_teacher: torch.nn.Module | None = None
+
+        self._labeled_batches = self._batches(self.labeled_cases, True, tcfg["batch_size"])
+        self._unlabeled_batches = self._batches(self.unlabeled_cases, False, tcfg["unlabeled_batch_size"])
+        self._validation_loader = None
+        if self.validation_cases:
+            self._validation_loader = self._evaluation_loader(self.validation_cases)
+
+    # ------------------------------------------------------------------ setup helpers
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        t = self.cfg["train"]
+        if t["optimizer"] == "sgd":
+            return torch.optim.SGD(self.model.parameters(), lr=t["lr"], momentum=t["momentum"],
+                                   weight_decay=t["weight_decay"], nesterov=True)
+        return torch.optim.AdamW(self.model.parameters(), lr=t["lr"], weight_decay=t["weight_decay"])
+
+    def _batches(self, cases, labeled: bool, batch_size: int):
+        if not cases:
+            return None
+        ds = training_dataset(self.cfg, cases, labeled=labeled, seed=self.seed + (0 if labeled else 1))
+        return infinite_batches(ds, batch_size, seed=self.seed + (2 if labeled else 3))
+
+    def _evaluation_loader(self, cases):
+        batch = 8 if self.cfg["data"]["spatial_dims"] == 2 else 1
+        return evaluation_loader(evaluation_dataset(self.cfg, cases), batch_size=batch)
+
+    def autocast(self):
+        if self.use_amp:
+            return torch.autocast("cuda", dtype=torch.float16)
+        return contextlib.nullcontext()
+
+    # ------------------------------------------------------------------ weights
+    def get_weights(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+
+    def set_weights(self, weights: Mapping[str, object]) -> None:
+        """Load weights given as tensors or numpy arrays (what FLARE delivers); keys and shapes must match."""
+        state = self.model.state_dict()
+        missing = sorted(set(state) - set(weights))
+        unexpected = sorted(set(weights) - set(state))
+        if missing or unexpected:
+            raise ValueError(f"weights do not fit the network: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        new = {}
+        for k, v in weights.items():
+            t = torch.as_tensor(np.asarray(v) if not isinstance(v, torch.Tensor) else v)
+            if t.shape != state[k].shape:
+                raise ValueError(f"weight '{k}' has shape {tuple(t.shape)}, the network expects {tuple(state[k].shape)}")
+            new[k] = t.to(state[k].dtype)
+        self.model.load_state_dict(new)
+
+    # ------------------------------------------------------------------ evaluation
+    def predict_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits for a batch of preprocessed images: whole image in 2D, sliding windows in 3D."""
+        self.model.eval()
+        with torch.no_grad(), self.autocast():
+            if self.cfg["data"]["spatial_dims"] == 2:
+                return self.model(x).float()
+            inf = self.cfg["inference"]
+            return sliding_window_inference(x, roi_size=self.cfg["data"]["patch_size"],
+                                            sw_batch_size=inf["sw_batch_size"], predictor=self.model,
+                                            overlap=inf["overlap"], mode="gaussian").float()
+
+    def evaluate(self, cases: list | None = None) -> dict | None:
+        """Mean Dice (lesion class) over cases with a non-empty mask; None when there is nothing to evaluate.
+
+        Only aggregate values are returned (no per-case results), so the dict may leave a site.
+        """
+        loader = self._validation_loader if cases is None else (self._evaluation_loader(cases) if cases else None)
+        if loader is None:
+            return None
+        metric = DiceMetric(include_background=False, reduction="mean_batch", ignore_empty=True)
+        n = 0
+        for batch in loader:
+            x = batch["image"].to(self.device)
+            y = batch["label"].to(self.device)
+            pred = self.predict_logits(x).argmax(dim=1, keepdim=True)
+            metric(y_pred=_onehot(pred), y=_onehot(y))
+            n += x.shape[0]
+        dice = metric.aggregate().item()
+        return {"val_dice": 0.0 if math.isnan(dice) else float(dice), "val_cases": n}
+
+    # ------------------------------------------------------------------ training
+    def _lr_at(self, epoch: float, total_epochs: float) -> float:
+        t = self.cfg["train"]
+        if t["scheduler"] == "constant" or total_epochs <= 0:
+            return t["lr"]
+        p = min(1.0, max(0.0, epoch / total_epochs))
+        return t["min_lr"] + 0.5 * (t["lr"] - t["min_lr"]) * (1.0 + math.cos(math.pi * p))
+
+    def _teacher(self, received: torch.nn.Module | None) -> torch.nn.Module:
+        if self.cfg["ssl"]["teacher"] == "ema":
+            if self.ema_teacher is None:
+                self.ema_teacher = _frozen_copy(self.model)
+            return self.ema_teacher
+        return received if received is not None else _frozen_copy(self.model)
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        if self.ema_teacher is None:
+            return
+        decay = self.cfg["ssl"]["ema_decay"]
+        for t, s in zip(self.ema_teacher.state_dict().values(), self.model.state_dict().values()):
+            if t.dtype.is_floating_point:
+                t.mul_(decay).add_(s.detach(), alpha=1.0 - decay)
+            else:
+                t.copy_(s)
+
+    def train_epochs(self, epochs: int, start_epoch: float = 0.0, total_epochs: float | None = None,
+                     abort: Callable[[], bool] = lambda: False) -> dict:
+        """Run ``epochs`` epochs of ``iterations_per_epoch`` iterations from global epoch ``start_epoch``.
+
+        The teacher for a "global" teacher is a frozen copy of the model as it is when this call starts (in FL:
+        the received global model).  Returns counts and mean losses.
+        """
+        t = self.cfg["train"]
+        iters = int(t["iterations_per_epoch"])
+        total_epochs = total_epochs if total_epochs is not None else start_epoch + epochs
+        use_global = self.cfg["ssl"]["teacher"] == "global" and self._unlabeled_batches is not None
+        received = _frozen_copy(self.model) if use_global else None
+        stats = {"labeled_samples": 0, "unlabeled_samples": 0, "iterations": 0, "aborted": False,
+                 "used_unlabeled": False}
+        sums = {"loss": 0.0, "sup_loss": 0.0, "unsup_loss": 0.0, "confident_fraction": 0.0}
+        unsup_steps = 0
+        self.model.train()
+        for e in range(epochs):
+            epoch = start_epoch + e
+            lam = unsup_weight(self.cfg["ssl"], epoch) if self._unlabeled_batches is not None else 0.0
+            if self._labeled_batches is None and lam == 0.0:
+                continue  # unlabeled-only site during warm-up: nothing to learn from yet
+            teacher = self._teacher(received) if lam > 0 else None
+            for i in range(iters):
+                if abort():
+                    stats["aborted"] = True
+                    return self._summarize(stats, sums, unsup_steps)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = self._lr_at(epoch + i / iters, total_epochs)
+                loss = torch.zeros((), device=self.device)
+                if self._labeled_batches is not None:
+                    batch = next(self._labeled_batches)
+                    x, y = _on(batch["image"], self.device), _on(batch["label"], self.device)
+                    x, y = self.augment(x, y)
+                    with self.autocast():
+                        sup = self.sup_loss(self.model(x).float(), y)
+                    loss = loss + sup
+                    sums["sup_loss"] += sup.item()
+                    stats["labeled_samples"] += x.shape[0]
+                if lam > 0:
+                    u = _on(next(self._unlabeled_batches)["image"], self.device)
+                    unsup, ustats = self.consistency(self.model, teacher, u, autocast=self.autocast)
+                    loss = loss + lam * unsup
+                    sums["unsup_loss"] += unsup.item()
+                    sums["confident_fraction"] += ustats["confident_fraction"]
+                    unsup_steps += 1
+                    stats["unlabeled_samples"] += u.shape[0]
+                    stats["used_unlabeled"] = True
+                self.optimizer.zero_grad(set_to_none=True)
+                self.scaler.scale(loss).backward()
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                if teacher is not None and teacher is self.ema_teacher:
+                    self._update_ema()
+                sums["loss"] += loss.item()
+                stats["iterations"] += 1
+        return self._summarize(stats, sums, unsup_steps)
+
+    @staticmethod
+    def _summarize(stats: dict, sums: dict, unsup_steps: int) -> dict:
+        n = max(1, stats["iterations"])
+        out = dict(stats)
+        out["loss"] = sums["loss"] / n
+        out["sup_loss"] = sums["sup_loss"] / n
+        out["unsup_loss"] = sums["unsup_loss"] / max(1, unsup_steps)
+        out["confident_fraction"] = sums["confident_fraction"] / max(1, unsup_steps)
+        return out
+
+    def run_round(self, weights: Mapping | None, round_index: int, total_rounds: int,
+                  abort: Callable[[], bool] = lambda: False, evaluate_after: bool = True) -> RoundResult:
+        """One federated round: load the received weights, score them, train ``train.epochs`` epochs, score again."""
+        if weights is not None:
+            self.set_weights(weights)
+        before = self.evaluate()
+        epochs = int(self.cfg["train"]["epochs"])
+        stats = self.train_epochs(epochs, start_epoch=round_index * epochs, total_epochs=total_rounds * epochs,
+                                  abort=abort)
+        after = self.evaluate() if evaluate_after and not stats["aborted"] else None
+        return RoundResult(
+            weights=self.get_weights(),
+            n_labeled=len(self.labeled_cases) if stats["labeled_samples"] else 0,
+            n_unlabeled=len(self.unlabeled_cases) if stats["used_unlabeled"] else 0,
+            labeled_samples_seen=stats["labeled_samples"],
+            unlabeled_samples_seen=stats["unlabeled_samples"],
+            iterations=stats["iterations"],
+            metrics_before=before,
+            metrics_after=after,
+            losses={k: stats[k] for k in ("loss", "sup_loss", "unsup_loss", "confident_fraction")},
+            aborted=stats["aborted"],
+        )
+
+    def fit(self, epochs: int | None = None, on_epoch: Callable[[int, dict, dict | None], None] | None = None,
+            keep_best: bool = True) -> dict:
+        """Local or centralized training: ``epochs`` epochs with validation after each; keeps the best weights.
+
+        Returns a history: per-epoch losses and validation metrics, and the best validation Dice.
+        """
+        epochs = int(epochs if epochs is not None else self.cfg["train"]["epochs"])
+        history, best, best_weights = [], -1.0, None
+        for e in range(epochs):
+            stats = self.train_epochs(1, start_epoch=e, total_epochs=epochs)
+            metrics = self.evaluate()
+            history.append({"epoch": e + 1, **{k: stats[k] for k in ("loss", "sup_loss", "unsup_loss")},
+                            "val_dice": None if metrics is None else metrics["val_dice"]})
+            if on_epoch:
+                on_epoch(e + 1, stats, metrics)
+            if metrics is not None and metrics["val_dice"] > best:
+                best, best_weights = metrics["val_dice"], self.get_weights()
+        self.best_weights = best_weights
+        return {"history": history, "best_val_dice": best if best >= 0 else None}
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, path: str | Path, weights: Mapping | None = None, extra: Mapping | None = None) -> None:
+        save_checkpoint(path, weights if weights is not None else self.get_weights(), self.cfg, extra)
+
+
+def save_checkpoint(path: str | Path, weights: Mapping, config: Mapping, extra: Mapping | None = None) -> None:
+    """Checkpoint readable by FLARE's ``PTFileModelPersistor`` (key "model") that also carries its config."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": {k: torch.as_tensor(v).cpu() for k, v in weights.items()}, "config": dict(config),
+                **(dict(extra) if extra else {})}, path)
+
+
+def load_checkpoint(path: str | Path, config: Mapping | None = None) -> tuple[dict, dict]:
+    """Return (state_dict, resolved config).  FLARE's FL_global_model.pt has no config: pass ``config`` then."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict):
+        raise ValueError(f"checkpoint {path} holds no state dict")
+    cfg = config if config is not None else ckpt.get("config")
+    if cfg is None:
+        raise ValueError(f"checkpoint {path} carries no configuration: pass one (--config)")
+    return state, resolve_config(cfg)
+
+
+def _frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
+    twin = copy.deepcopy(model).eval()
+    for p in twin.parameters():
+        p.requires_grad_(False)
+    return twin
+
+
+def _on(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Plain tensor on the training device (MetaTensor bookkeeping is not needed inside the loop)."""
+    x = x.as_tensor() if hasattr(x, "as_tensor") else x
+    return x.to(device, non_blocking=True)
+
+
+def _onehot(labels: torch.Tensor) -> torch.Tensor:
+    """(B, 1, *spatial) class indices -> (B, 2, *spatial) one-hot."""
+    lab = labels.long().squeeze(1)
+    return torch.nn.functional.one_hot(lab, 2).movedim(-1, 1).float()

@@ -1,0 +1,1 @@
+../../../../../custom/fssl_covid/__init__.py

@@ -1,0 +1,71 @@
+"""Data contract and loading of 2D slices and 3D volumes (real NIfTI files on disk)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from monai.transforms import Compose
+
+from conftest import COVID_SEMISEG, write_slice_site
+from fssl_covid.config import resolve_config
+from fssl_covid.data import DataError, root_cause, evaluation_dataset, load_datalist, preprocessing, training_dataset
+
+
+def test_3d_volumes_are_resampled_windowed_and_patched(synthetic_sites, tiny_3d):
+    cfg = resolve_config(tiny_3d)
+    dl = load_datalist(synthetic_sites["china"])
+    assert len(dl["training"]) == 4 and len(dl["unlabeled"]) == 4 and len(dl["test"]) == 2
+    item = Compose(preprocessing(cfg, pad=False))(dl["training"][0])
+    img, lab = item["image"], item["label"]
+    assert img.shape[0] == 1 and img.dim() == 4 and img.shape == lab.shape
+    assert np.allclose(img.pixdim.tolist(), cfg["data"]["spacing"], atol=1e-3)  # resampled to the configured grid
+    assert 0.0 <= img.min() and img.max() <= 1.0  # lung window mapped to 0..1
+    assert set(torch.unique(lab).tolist()) <= {0.0, 1.0} and lab.sum() > 0
+    samples = training_dataset(cfg, dl["training"], labeled=True)[0]
+    assert len(samples) == cfg["data"]["samples_per_image"]
+    assert tuple(samples[0]["image"].shape[1:]) == tuple(cfg["data"]["patch_size"])
+    unl = training_dataset(cfg, dl["unlabeled"], labeled=False)[0]
+    assert "label" not in unl[0] and tuple(unl[0]["image"].shape[1:]) == tuple(cfg["data"]["patch_size"])
+
+
+def test_2d_slices_with_singleton_axis_are_resized(tmp_path, tiny_2d):
+    cfg = resolve_config(tiny_2d)
+    dl = load_datalist(write_slice_site(tmp_path, 3, 2))
+    ds = evaluation_dataset(cfg, dl["training"])
+    for item in ds:
+        assert tuple(item["image"].shape) == (1, 64, 64) and item["image"].shape == item["label"].shape
+        assert item["label"].sum() > 0 and item["image"].max() <= 1.0
+    unl = training_dataset(cfg, dl["unlabeled"], labeled=False)[0]
+    assert tuple(unl["image"].shape) == (1, 64, 64)
+
+
+@pytest.mark.skipif(not COVID_SEMISEG.is_dir(), reason="real COVID-SemiSeg slices not present")
+def test_real_covid_semiseg_slices_load(tiny_2d):
+    cfg = resolve_config(tiny_2d)
+    dl = load_datalist(COVID_SEMISEG / "italy.json")
+    assert len(dl["training"]) == 50 and dl["unlabeled"] == []
+    item = evaluation_dataset(cfg, dl["training"][:2])[0]
+    assert tuple(item["image"].shape) == (1, 64, 64) and item["label"].max() == 1.0
+
+
+def test_datalist_errors_name_the_file_and_the_problem(tmp_path, synthetic_sites, tiny_2d):
+    with pytest.raises(DataError, match="does not exist"):
+        load_datalist(tmp_path / "nope.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(DataError, match=f"{bad}.*not valid JSON"):
+        load_datalist(bad)
+    keyless = tmp_path / "keyless.json"
+    keyless.write_text(json.dumps({"images": []}))
+    with pytest.raises(DataError, match="none of the keys"):
+        load_datalist(keyless)
+    nolabel = tmp_path / "nolabel.json"
+    nolabel.write_text(json.dumps({"training": [{"image": "a.nii.gz"}]}))
+    with pytest.raises(DataError, match="has no 'label'"):
+        load_datalist(nolabel)
+    # a 3D volume given to a 2D configuration is refused with the file's name
+    vol = load_datalist(synthetic_sites["china"])["test"][:1]
+    with pytest.raises(Exception) as err:
+        Compose(preprocessing(resolve_config(tiny_2d)))(vol[0])
+    assert "2D configuration" in root_cause(err.value) and "china_test_000" in root_cause(err.value)

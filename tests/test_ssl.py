@@ -1,0 +1,94 @@
+"""The semi-supervised objective: ramp, confidence filter, perturbation geometry, consistency loss."""
+
+import torch
+
+from fssl_covid.config import ConfigError, resolve_config
+from fssl_covid.networks import build_network
+from fssl_covid.ssl import (ConsistencyObjective, Perturbation, masked_consistency_loss, pseudo_labels,
+                            sigmoid_rampup, unsup_weight)
+
+import pytest
+
+
+def test_rampup_is_zero_during_warmup_then_reaches_one():
+    assert sigmoid_rampup(0, warmup=2, length=4) == 0.0
+    assert sigmoid_rampup(1.9, warmup=2, length=4) == 0.0
+    values = [sigmoid_rampup(t, warmup=2, length=4) for t in (2, 3, 4, 5, 6)]
+    assert values == sorted(values) and values[0] < 0.01 and values[-1] == 1.0
+    cfg = resolve_config({"ssl": {"unsup_weight": 0.5, "warmup_epochs": 1, "rampup_epochs": 0}})["ssl"]
+    assert unsup_weight(cfg, 0) == 0.0 and unsup_weight(cfg, 1) == 0.5
+    cfg["enabled"] = False
+    assert unsup_weight(cfg, 10) == 0.0
+
+
+def test_pseudo_label_filter_keeps_confident_voxels_only():
+    # probabilities of (background, lesion) at 4 voxels: confident bg, unsure, unsure, confident lesion
+    probs = torch.tensor([[0.97, 0.6, 0.4, 0.05], [0.03, 0.4, 0.6, 0.95]]).view(1, 2, 4)
+    labels, mask = pseudo_labels(probs, threshold=0.9)
+    assert labels.tolist() == [[0, 0, 1, 1]]
+    assert mask.tolist() == [[1.0, 0.0, 0.0, 1.0]]
+    # threshold 0 keeps everything (the no-threshold ablation) except voxels with no probability mass
+    probs[0, :, 1] = 0.0
+    _, mask = pseudo_labels(probs, threshold=0.0)
+    assert mask.tolist() == [[1.0, 0.0, 1.0, 1.0]]
+
+
+def test_ignored_voxels_do_not_contribute_to_the_loss():
+    logits = torch.randn(1, 2, 8, 8)
+    labels = torch.randint(0, 2, (1, 8, 8))
+    mask = torch.zeros(1, 8, 8)
+    assert masked_consistency_loss(logits, labels, mask).item() == 0.0
+    mask[0, :4] = 1.0
+    base = masked_consistency_loss(logits, labels, mask)
+    changed = logits.clone()
+    changed[0, :, 4:] = torch.randn(2, 4, 8) * 10  # only ignored voxels change
+    assert torch.isclose(masked_consistency_loss(changed, labels, mask), base)
+
+
+def test_geometry_is_applied_identically_to_image_and_label():
+    gen = torch.Generator().manual_seed(0)
+    pert = Perturbation({"flip_prob": 0.5, "rotate_deg": 15, "scale": 0.1}, gen)
+    x = torch.zeros(4, 1, 24, 24, 8)
+    x[:, :, 5:12, 6:15, 2:6] = 1.0
+    xp, yp = pert(x, x.clone())
+    assert torch.equal(yp, (xp > 0.5).float()) or (yp - (xp > 0.5).float()).abs().mean() < 0.01
+    p = pert.sample(4, 3)
+    assert p.theta.shape == (4, 3, 4)
+    identity = Perturbation({}, gen)
+    assert identity.sample(2, 2).theta is None
+    assert torch.equal(identity(x)[0], x)
+
+
+def test_consistency_loss_goes_down_on_a_fixed_unlabeled_batch():
+    torch.manual_seed(0)
+    cfg = resolve_config({"ssl": {"confidence_threshold": 0.6}})["ssl"]
+    teacher = build_network("unet", 2, channels=(4, 8), strides=(2,), num_res_units=0).eval()
+    student = build_network("unet", 2, channels=(4, 8), strides=(2,), num_res_units=0)
+    student.load_state_dict(teacher.state_dict())
+    with torch.no_grad():  # a teacher with confident, structured predictions
+        for p in teacher.parameters():
+            p.mul_(3.0)
+    x = torch.rand(4, 1, 32, 32)
+    objective = ConsistencyObjective(cfg, torch.Generator().manual_seed(1))
+    opt = torch.optim.Adam(student.parameters(), lr=0.02)
+    losses = []
+    import contextlib
+    for _ in range(40):
+        objective.strong.generator.manual_seed(1)  # same perturbation every step: a fixed batch
+        loss, stats = objective(student, teacher, x, autocast=contextlib.nullcontext)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert stats["confident_fraction"] > 0.1
+    assert losses[-1] < 0.8 * losses[0]
+    assert sum(losses[-5:]) < sum(losses[:5])
+
+
+def test_config_rejects_unknown_keys_and_bad_values():
+    with pytest.raises(ConfigError, match="ssl.tau"):
+        resolve_config({"ssl": {"tau": 0.9}})
+    with pytest.raises(ConfigError, match="confidence_threshold"):
+        resolve_config({"ssl": {"confidence_threshold": 1.5}})
+    with pytest.raises(ConfigError, match="spatial_dims"):
+        resolve_config({"data": {"spatial_dims": 2, "patch_size": [64, 64]}})  # network still 3D

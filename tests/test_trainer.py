@@ -1,0 +1,99 @@
+"""Local trainer: label-only and unlabeled-only sites, counts, checkpoints, predict on the input grid."""
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from conftest import write_slice_site
+from fssl_covid.cli import main as fssl
+from fssl_covid.data import load_datalist
+from fssl_covid.trainer import SegmentationTrainer, load_checkpoint
+
+
+def test_site_with_labels_only_is_plain_supervised(synthetic_sites, tiny_3d):
+    dl = load_datalist(synthetic_sites["china"])
+    dl["unlabeled"] = []
+    tr = SegmentationTrainer(tiny_3d, dl)
+    res = tr.run_round(None, round_index=3, total_rounds=4)  # past warm-up: would use unlabeled data if any
+    assert res.n_labeled == 4 and res.n_unlabeled == 0
+    assert res.unlabeled_samples_seen == 0 and res.labeled_samples_seen == 3 * 2 * 2
+    assert res.losses["unsup_loss"] == 0.0 and res.metrics_before is not None and res.metrics_after is not None
+
+
+def test_site_without_labels_trains_on_the_unsupervised_term_only(synthetic_sites, tiny_3d):
+    dl = load_datalist(synthetic_sites["japan"])
+    tr = SegmentationTrainer(tiny_3d, dl)
+    w0 = tr.get_weights()
+    warm = tr.run_round(None, round_index=0, total_rounds=4)  # warm-up: lambda = 0, nothing to learn from
+    assert warm.iterations == 0 and warm.n_labeled == 0 and warm.n_unlabeled == 0
+    assert all(torch.equal(w0[k], warm.weights[k]) for k in w0)
+    assert warm.metrics_before is None  # no labeled validation data: no (fake) metric
+    res = tr.run_round(None, round_index=3, total_rounds=4)
+    assert res.iterations == 3 and res.n_unlabeled == 4 and res.labeled_samples_seen == 0
+    assert res.unlabeled_samples_seen == 3 * 2 * 2 and res.losses["sup_loss"] == 0.0
+    assert any(not torch.equal(w0[k], res.weights[k]) for k in w0 if w0[k].dtype.is_floating_point)
+
+
+def test_ema_teacher_and_abort(synthetic_sites, tiny_3d):
+    tiny_3d["ssl"]["teacher"] = "ema"
+    tr = SegmentationTrainer(tiny_3d, load_datalist(synthetic_sites["italy"]))
+    res = tr.run_round(None, round_index=2, total_rounds=3)
+    assert res.n_unlabeled == 4 and tr.ema_teacher is not None
+    calls = iter(range(100))
+    res = tr.run_round(None, round_index=2, total_rounds=3, abort=lambda: next(calls) >= 1)
+    assert res.aborted and res.iterations == 1
+
+
+def test_set_weights_refuses_wrong_shapes(synthetic_sites, tiny_3d):
+    tr = SegmentationTrainer(tiny_3d, {})
+    w = tr.get_weights()
+    key = next(k for k in w if w[k].dim() > 1)
+    bad = dict(w)
+    bad[key] = torch.zeros(3)
+    with pytest.raises(ValueError, match=key):
+        tr.set_weights(bad)
+    with pytest.raises(ValueError, match="missing"):
+        tr.set_weights({k: v for k, v in w.items() if k != key})
+
+
+def test_checkpoint_round_trip_and_predict_keeps_the_input_grid(tmp_path, synthetic_sites, tiny_3d):
+    cfg_file = tmp_path / "cfg.json"
+    tiny_3d["train"]["epochs"] = 1
+    cfg_file.write_text(json.dumps(tiny_3d))
+    out = tmp_path / "run"
+    assert fssl(["train", "--datalist", synthetic_sites["china"], "--config", str(cfg_file), "--out", str(out)]) == 0
+    state, cfg = load_checkpoint(out / "model_final.pt")
+    tr = SegmentationTrainer(cfg, {})
+    tr.set_weights(state)
+    assert all(torch.equal(tr.get_weights()[k], state[k]) for k in state)
+    history = json.loads((out / "history.json").read_text())
+    assert len(history["history"]) == 1
+
+    images = [c["image"] for c in load_datalist(synthetic_sites["japan"])["test"]]
+    pred_dir = tmp_path / "pred"
+    assert fssl(["predict", "--model", str(out / "model_final.pt"), "--input", *images, "--out", str(pred_dir),
+                 "--probabilities"]) == 0
+    for image in images:
+        src, dst = nib.load(image), nib.load(pred_dir / image.split("/")[-1])
+        assert dst.shape == src.shape and np.allclose(dst.affine, src.affine)
+        p = dst.get_fdata()
+        assert p.dtype == np.float64 and 0.0 <= p.min() and p.max() <= 1.0
+    mask_dir = tmp_path / "mask"
+    assert fssl(["predict", "--model", str(out / "model_final.pt"), "--input", images[0], "--out", str(mask_dir)]) == 0
+    m = nib.load(mask_dir / images[0].split("/")[-1])
+    assert m.get_data_dtype() == np.uint8 and set(np.unique(m.get_fdata())) <= {0.0, 1.0}
+    assert json.loads(json.dumps(fssl(["evaluate", "--model", str(out / "model_final.pt"), "--datalist",
+                                       synthetic_sites["china"], "--key", "test"]))) == 0
+
+
+def test_predict_2d_slices_keeps_singleton_axis(tmp_path, tiny_2d):
+    dl = load_datalist(write_slice_site(tmp_path / "site", 2, 1))
+    tr = SegmentationTrainer(tiny_2d, dl)
+    from fssl_covid.inference import predict_files
+    written = predict_files(tr, [c["image"] for c in dl["training"]], tmp_path / "out")
+    for case, path in zip(dl["training"], written):
+        src, dst = nib.load(case["image"]), nib.load(path)
+        assert dst.shape == src.shape and src.shape[-1] == 1 and np.allclose(dst.affine, src.affine)
