@@ -92,3 +92,15 @@ def test_config_rejects_unknown_keys_and_bad_values():
         resolve_config({"ssl": {"confidence_threshold": 1.5}})
     with pytest.raises(ConfigError, match="spatial_dims"):
         resolve_config({"data": {"spatial_dims": 2, "patch_size": [64, 64]}})  # network still 3D
+
+
+def test_class_adaptive_threshold_keeps_the_rare_class():
+    # teacher: background voxels at 0.98 confidence, lesion voxels at 0.7 (never reaching tau = 0.9)
+    bg = torch.tensor([0.98, 0.98, 0.98, 0.3, 0.3, 0.45])
+    probs = torch.stack([bg, 1 - bg]).view(1, 2, 6)
+    _, fixed = pseudo_labels(probs, 0.9)
+    assert fixed.tolist() == [[1, 1, 1, 0, 0, 0]]  # a fixed tau drops every lesion voxel
+    labels, adaptive = pseudo_labels(probs, 0.9, class_adaptive=True)
+    # lesion threshold = 0.9 * mean(0.7, 0.7, 0.55) / 0.98 = 0.60: the two 0.7 voxels are kept, 0.55 is not
+    assert labels.tolist() == [[0, 0, 0, 1, 1, 1]]
+    assert adaptive.tolist() == [[1, 1, 1, 1, 1, 0]]

@@ -57,6 +57,10 @@ DEFAULTS: dict[str, Any] = {
         # Voxels whose teacher confidence (max softmax probability) is below this are ignored.
         # 0 keeps every voxel (the "no confidence threshold" ablation).
         "confidence_threshold": 0.9,
+        # Scale the threshold per class by the teacher's relative confidence in that class (see
+        # ssl.pseudo_labels): without it the rare lesion class is rarely confident enough and an unlabeled site
+        # learns to erase lesions.
+        "class_adaptive_threshold": True,
         # "ce" or "dice_ce" (masked cross-entropy, plus a masked soft Dice on the lesion class).
         "unsup_loss": "dice_ce",
         # loss = supervised + lambda(t) * unsupervised; lambda is 0 during warm-up, then ramps up (sigmoid

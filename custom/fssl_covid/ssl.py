@@ -116,34 +116,57 @@ class Perturbation:
         return x, label
 
 
-def pseudo_labels(teacher_probs: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+def pseudo_labels(teacher_probs: torch.Tensor, threshold: float,
+                  class_adaptive: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Confidence filter: returns (labels (B, *spatial) int64, mask (B, *spatial) float).
 
-    ``mask`` is 1 where the teacher's max class probability is >= ``threshold``.  Voxels with no probability
-    mass (warped in from outside the image) are always ignored, whatever the threshold.
+    ``mask`` is 1 where the teacher's max class probability is at least the threshold.  With ``class_adaptive``
+    the threshold of class c is ``threshold * conf_c / max_k conf_k``, where ``conf_c`` is the teacher's mean
+    confidence on the voxels it assigns to class c in this batch (self-adaptive thresholds in the spirit of
+    FreeMatch, Wang et al. 2023): a rare, harder class (lesion) is not filtered out entirely while the easy
+    background is held to ``threshold``.  Voxels with no probability mass (warped in from outside the image) are
+    always ignored.
     """
     confidence, labels = teacher_probs.max(dim=1)
-    mask = (confidence >= threshold) & (teacher_probs.sum(dim=1) > 0.5)
+    valid = teacher_probs.sum(dim=1) > 0.5
+    thresholds = torch.full((teacher_probs.shape[1],), float(threshold), device=teacher_probs.device)
+    if class_adaptive and threshold > 0:
+        means = torch.stack([confidence[valid & (labels == c)].mean() if (valid & (labels == c)).any()
+                             else confidence.new_tensor(float("nan")) for c in range(teacher_probs.shape[1])])
+        top = torch.nan_to_num(means, nan=0.0).max()
+        if top > 0:
+            thresholds = torch.where(torch.isnan(means), thresholds, threshold * means / top)
+    mask = (confidence >= thresholds[labels]) & valid
     return labels, mask.float()
 
 
 def masked_consistency_loss(student_logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
                             with_dice: bool = True, eps: float = 1e-5) -> torch.Tensor:
-    """Cross-entropy on confident voxels (averaged over all voxels, so few confident voxels give a small loss),
-    plus optionally a soft Dice on the foreground classes restricted to confident voxels."""
+    """Class-balanced cross-entropy on confident voxels, plus optionally a soft Dice on the lesion class.
+
+    The cross-entropy is averaged within each pseudo-class and then over the classes present, so the abundant,
+    confidently predicted background cannot drown the few lesion voxels (which would teach an unlabeled site to
+    erase lesions).  Each class term is scaled by the confident share of the voxels, so a batch with few confident
+    voxels gives a small loss.  The Dice term covers the batch's confident voxels jointly.
+    """
     ce = F.cross_entropy(student_logits.float(), labels, reduction="none")
-    loss = (ce * mask).sum() / mask.numel()
+    coverage = mask.mean()
+    terms = []
+    for c in range(student_logits.shape[1]):
+        m = mask * (labels == c).float()
+        if m.sum() > 0:
+            terms.append((ce * m).sum() / m.sum())
+    if not terms:
+        return (student_logits.float() * 0.0).sum()
+    loss = coverage * torch.stack(terms).mean()
     if with_dice:
         probs = torch.softmax(student_logits.float(), dim=1)[:, 1:]
         onehot = F.one_hot(labels, student_logits.shape[1]).movedim(-1, 1)[:, 1:].float()
         m = mask.unsqueeze(1)
-        dims = tuple(range(2, probs.dim()))
-        inter = (probs * onehot * m).sum(dims)
-        denom = ((probs + onehot) * m).sum(dims)
-        present = onehot.mul(m).sum(dims) > 0  # Dice only where the teacher found (confident) lesion
-        if present.any():
-            dice = 1.0 - (2.0 * inter + eps) / (denom + eps)
-            loss = loss + dice[present].mean()
+        if (onehot * m).sum() > 0:  # Dice only where the teacher found (confident) lesion
+            inter = (probs * onehot * m).sum()
+            denom = ((probs + onehot) * m).sum()
+            loss = loss + coverage * (1.0 - (2.0 * inter + eps) / (denom + eps))
     return loss
 
 
@@ -165,7 +188,7 @@ class ConsistencyObjective:
         p = self.strong.sample(x.shape[0], dims)
         xs = self.strong.geometry(self.strong.intensity(x, p), p)
         probs = self.strong.geometry(probs, p)
-        labels, mask = pseudo_labels(probs, self.cfg["confidence_threshold"])
+        labels, mask = pseudo_labels(probs, self.cfg["confidence_threshold"], self.cfg["class_adaptive_threshold"])
         with autocast():
             logits = student(xs)
         loss = masked_consistency_loss(logits, labels, mask, with_dice=self.cfg["unsup_loss"] == "dice_ce")

@@ -1,0 +1,248 @@
+#!/usr/bin/env python3
+"""Run the whole federated demo on this machine with real FLARE processes (POC mode).
+
+    python poc/run_demo.py [--baseline] [--job DIR ...] [--sites china italy japan]
+
+1. make the synthetic sites (``fssl synth``; seeded, synthetic CT, not patient data)
+2. ``nvflare poc prepare -c china italy japan`` and write each site's settings into its kit's ``local/``
+3. ``nvflare poc start``, submit the FSSL job (and the supervised FedAvg baseline with ``--baseline``)
+4. follow each job until it finishes, ``nvflare job download`` its results
+5. print the cross-site Dice table and where the models, logs and TensorBoard events are
+6. ``nvflare poc stop`` and ``nvflare poc clean`` - also when interrupted or when a step fails.
+
+Everything FLARE writes (POC workspace, ~/.nvflare config, temp files) stays in ``.work/`` inside the project.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "custom"))
+
+from fssl_covid.results import cross_site_table, find_job_outputs  # noqa: E402
+from fssl_covid.site_settings import write_settings  # noqa: E402
+
+DEFAULT_SITES = ["china", "italy", "japan"]
+
+
+class DemoError(RuntimeError):
+    pass
+
+
+class Poc:
+    """The nvflare CLI with FLARE's state kept under ``work``."""
+
+    def __init__(self, work: Path, verbose: bool = False):
+        self.work = work
+        self.verbose = verbose
+        self.env = dict(os.environ)
+        bindir = str(Path(sys.executable).parent)
+        self.env.update({
+            "HOME": str(work / "home"),
+            "TMPDIR": str(work / "tmp"),
+            "NVFLARE_POC_WORKSPACE": str(work / "poc_workspace"),
+            "PATH": bindir + os.pathsep + self.env.get("PATH", ""),
+            "PYTHONUNBUFFERED": "1",
+        })
+        for key in ("HOME", "TMPDIR"):
+            Path(self.env[key]).mkdir(parents=True, exist_ok=True)
+        self.nvflare = shutil.which("nvflare", path=self.env["PATH"]) or "nvflare"
+        self.started = False
+
+    @property
+    def kits(self) -> Path:
+        return Path(self.env["NVFLARE_POC_WORKSPACE"]) / "example_project" / "prod_00"
+
+    def run(self, *args: str, check: bool = True, json_out: bool = False, timeout: float | None = 600) -> str | dict:
+        cmd = [self.nvflare] + (["--format", "json"] if json_out else []) + list(args)
+        print(f"$ nvflare {' '.join(cmd[1:])}", flush=True)
+        proc = subprocess.run(cmd, env=self.env, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                              stdin=subprocess.DEVNULL)
+        if self.verbose or (check and proc.returncode != 0):
+            sys.stdout.write(proc.stdout[-4000:])
+            sys.stderr.write(proc.stderr[-4000:])
+        if check and proc.returncode != 0:
+            raise DemoError(f"`nvflare {' '.join(args)}` failed with exit code {proc.returncode}")
+        if json_out:
+            return _last_json(proc.stdout)
+        return proc.stdout
+
+    def prepare(self, sites: list[str]) -> None:
+        self.run("poc", "prepare", "-c", *sites, "--force")
+
+    def start(self) -> None:
+        self.started = True
+        self.run("poc", "start", timeout=300)
+
+    def stop_and_clean(self) -> None:
+        if not self.started:
+            return
+        self.run("poc", "stop", check=False, timeout=120)
+        for _ in range(20):  # `poc clean` refuses while the sub_start wrappers are still shutting down
+            out = self.run("poc", "clean", check=False, timeout=60)
+            if not Path(self.env["NVFLARE_POC_WORKSPACE"]).exists():
+                print("POC stopped and cleaned.")
+                self.started = False
+                return
+            if self.verbose:
+                print(out)
+            time.sleep(3)
+        print(f"warning: POC workspace {self.env['NVFLARE_POC_WORKSPACE']} could not be cleaned", file=sys.stderr)
+
+    def wait_for_clients(self, sites: list[str], timeout: float = 180) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            out = self.run("system", "status", check=False, timeout=60)
+            if all(s in out for s in sites):
+                return
+            time.sleep(3)
+        raise DemoError(f"not every site connected within {timeout:.0f} s: expected {sites}")
+
+    def submit(self, job_dir: Path) -> str:
+        reply = self.run("job", "submit", "-j", str(job_dir), json_out=True)
+        job_id = (reply.get("data") or {}).get("job_id") if isinstance(reply, dict) else None
+        if not job_id:
+            raise DemoError(f"submitting {job_dir} returned no job id: {reply}")
+        return job_id
+
+    def follow(self, job_id: str, timeout: float) -> str:
+        """Poll the job until it is done, printing status and round progress; returns the final status."""
+        deadline, last = time.time() + timeout, None
+        while time.time() < deadline:
+            meta = self.run("job", "meta", job_id, json_out=True, check=False, timeout=60)
+            data = meta.get("data", {}) if isinstance(meta, dict) else {}
+            status = str(data.get("status", "?"))
+            line = f"  job {job_id[:8]} {status}{_progress(self.kits, job_id)}"
+            if line != last:
+                print(line, flush=True)
+                last = line
+            if status.startswith("FINISHED") or status in ("FAILED", "ABORTED"):
+                return status
+            time.sleep(5)
+        raise DemoError(f"job {job_id} did not finish within {timeout:.0f} s")
+
+    def download(self, job_id: str, out: Path) -> Path:
+        path = out / job_id
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.run("job", "download", job_id, "-o", str(path), "--force")
+        if not path.is_dir():
+            raise DemoError(f"download of job {job_id} produced no folder {path}")
+        return path
+
+
+def _progress(kits: Path, job_id: str) -> str:
+    """Round progress from the server's job log (the demo runs on this machine, so it can read it)."""
+    log = kits / "server" / job_id / "log.txt"
+    if not log.is_file():
+        return ""
+    rnd = None
+    for line in log.read_text(errors="replace").splitlines():
+        if "Round " in line and " started" in line:
+            rnd = line.split("Round ", 1)[1].split(" ", 1)[0]
+        elif "cross site validation" in line.lower() or "cross_site_model_eval" in line.lower():
+            rnd = "cross-site evaluation"
+    return "" if rnd is None else (f", {rnd}" if not rnd.isdigit() else f", round {int(rnd) + 1}")
+
+
+def _last_json(text: str) -> dict:
+    for chunk in reversed([c for c in text.strip().splitlines() if c.strip()]):
+        try:
+            return json.loads(chunk)
+        except json.JSONDecodeError:
+            continue
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return {}
+
+
+def run_demo(args) -> int:
+    work = Path(args.work).resolve()
+    data_dir = Path(args.data).resolve() if args.data else work / "data" / "synthetic"
+    results_dir = work / "results"
+    poc = Poc(work, verbose=args.verbose)
+
+    def interrupted(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, interrupted)
+    t0 = time.time()
+    try:
+        if not args.data:
+            from fssl_covid.synthetic import make_federation
+
+            print(f"1/5 synthetic sites -> {data_dir} (synthetic CT, not patient data)")
+            make_federation(data_dir, seed=args.seed)
+        print("2/5 POC workspace and site settings")
+        poc.prepare(args.sites)
+        for site in args.sites:
+            target = write_settings(poc.kits / site, {"datalist": str(data_dir / site / "datalist.json"),
+                                                      "device": args.device, "num_threads": args.threads})
+            print(f"  {site}: {target}")
+        print("3/5 starting server and clients")
+        poc.start()
+        poc.wait_for_clients(args.sites)
+        jobs = [Path(j).resolve() for j in (args.job or [ROOT / "jobs" / "fssl_covid_seg"])]
+        if args.baseline:
+            jobs.append(ROOT / "jobs" / "fedavg_supervised")
+        summaries = []
+        for job_dir in jobs:
+            print(f"4/5 job {job_dir.name}")
+            job_id = poc.submit(job_dir)
+            status = poc.follow(job_id, timeout=args.timeout)
+            if not status.startswith("FINISHED"):
+                raise DemoError(f"job {job_dir.name} ended as {status}; see {poc.kits / 'server' / 'log.txt'}")
+            path = poc.download(job_id, results_dir / job_dir.name)
+            summaries.append((job_dir.name, job_id, status, path))
+        print(f"5/5 results (after {time.time() - t0:.0f} s)")
+        for name, job_id, status, path in summaries:
+            outputs = find_job_outputs(path)
+            print(f"\n== {name} (job {job_id}, {status})")
+            print(cross_site_table(outputs["cross_site"]))
+            for label, key in (("global model", "global_model"), ("best global model", "best_model"),
+                               ("cross-site results", "cross_site"), ("TensorBoard events", "tb_events"),
+                               ("server log", "server_log")):
+                if outputs.get(key):
+                    print(f"  {label:20s} {outputs[key]}")
+            for site in args.sites:
+                print(f"  {site + ' job log':20s} {poc.kits / site / job_id / 'log.txt'} (kept at the site)")
+        return 0
+    except (DemoError, KeyboardInterrupt, subprocess.TimeoutExpired) as e:
+        print(f"demo stopped: {e}", file=sys.stderr)
+        return 1
+    finally:
+        if poc.started and args.keep_running:
+            print(f"POC left running (--keep-running); stop it with: HOME={poc.env['HOME']} "
+                  f"NVFLARE_POC_WORKSPACE={poc.env['NVFLARE_POC_WORKSPACE']} nvflare poc stop")
+        else:
+            poc.stop_and_clean()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--job", action="append", help="job folder to submit (repeatable; default jobs/fssl_covid_seg)")
+    p.add_argument("--baseline", action="store_true", help="also run jobs/fedavg_supervised (labels only)")
+    p.add_argument("--sites", nargs="+", default=DEFAULT_SITES)
+    p.add_argument("--data", default=None, help="existing data folder with <site>/datalist.json (default: "
+                                                "make synthetic sites)")
+    p.add_argument("--work", default=str(ROOT / ".work" / "demo"), help="where FLARE state and results go")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per site (sites share this machine)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timeout", type=float, default=1800, help="seconds to wait for each job")
+    p.add_argument("--keep-running", action="store_true", help="leave POC running at the end")
+    p.add_argument("--verbose", action="store_true")
+    return run_demo(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
