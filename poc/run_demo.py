@@ -62,9 +62,11 @@ class Poc:
     def kits(self) -> Path:
         return Path(self.env["NVFLARE_POC_WORKSPACE"]) / "example_project" / "prod_00"
 
-    def run(self, *args: str, check: bool = True, json_out: bool = False, timeout: float | None = 600) -> str | dict:
+    def run(self, *args: str, check: bool = True, json_out: bool = False, timeout: float | None = 600,
+            quiet: bool = False) -> str | dict:
         cmd = [self.nvflare] + (["--format", "json"] if json_out else []) + list(args)
-        print(f"$ nvflare {' '.join(cmd[1:])}", flush=True)
+        if not quiet or self.verbose:
+            print(f"$ nvflare {' '.join(cmd[1:])}", flush=True)
         proc = subprocess.run(cmd, env=self.env, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
                               stdin=subprocess.DEVNULL)
         if self.verbose or (check and proc.returncode != 0):
@@ -101,7 +103,7 @@ class Poc:
     def wait_for_clients(self, sites: list[str], timeout: float = 180) -> None:
         deadline = time.time() + timeout
         while time.time() < deadline:
-            out = self.run("system", "status", check=False, timeout=60)
+            out = self.run("system", "status", check=False, timeout=60, quiet=True)
             if all(s in out for s in sites):
                 return
             time.sleep(3)
@@ -117,8 +119,9 @@ class Poc:
     def follow(self, job_id: str, timeout: float) -> str:
         """Poll the job until it is done, printing status and round progress; returns the final status."""
         deadline, last = time.time() + timeout, None
+        print(f"$ nvflare job meta {job_id}   (every 5 s)")
         while time.time() < deadline:
-            meta = self.run("job", "meta", job_id, json_out=True, check=False, timeout=60)
+            meta = self.run("job", "meta", job_id, json_out=True, check=False, timeout=60, quiet=True)
             data = meta.get("data", {}) if isinstance(meta, dict) else {}
             status = str(data.get("status", "?"))
             line = f"  job {job_id[:8]} {status}{_progress(self.kits, job_id)}"
@@ -132,8 +135,8 @@ class Poc:
 
     def download(self, job_id: str, out: Path) -> Path:
         path = out / job_id
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.run("job", "download", job_id, "-o", str(path), "--force")
+        out.mkdir(parents=True, exist_ok=True)
+        self.run("job", "download", job_id, "-o", str(out), "--force")
         if not path.is_dir():
             raise DemoError(f"download of job {job_id} produced no folder {path}")
         return path
@@ -202,6 +205,11 @@ def run_demo(args) -> int:
             if not status.startswith("FINISHED"):
                 raise DemoError(f"job {job_dir.name} ended as {status}; see {poc.kits / 'server' / 'log.txt'}")
             path = poc.download(job_id, results_dir / job_dir.name)
+            for site in args.sites:  # demo only: every site is on this machine, so keep their logs with the results
+                log = poc.kits / site / job_id / "log.txt"
+                if log.is_file():
+                    (path / "site_logs").mkdir(exist_ok=True)
+                    shutil.copy(log, path / "site_logs" / f"{site}.log.txt")
             summaries.append((job_dir.name, job_id, status, path))
         print(f"5/5 results (after {time.time() - t0:.0f} s)")
         for name, job_id, status, path in summaries:
@@ -213,8 +221,7 @@ def run_demo(args) -> int:
                                ("server log", "server_log")):
                 if outputs.get(key):
                     print(f"  {label:20s} {outputs[key]}")
-            for site in args.sites:
-                print(f"  {site + ' job log':20s} {poc.kits / site / job_id / 'log.txt'} (kept at the site)")
+            print(f"  {'site logs':20s} {path / 'site_logs'} (copied from the sites' workspaces for the demo)")
         return 0
     except (DemoError, KeyboardInterrupt, subprocess.TimeoutExpired) as e:
         print(f"demo stopped: {e}", file=sys.stderr)

@@ -1,0 +1,89 @@
+"""Static checks of the job folders: importable class paths, one copy of the code, no data paths in jobs."""
+
+import importlib
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from jobtools import JOBS, ROOT
+from fssl_covid.config import resolve_config
+
+JOB_DIRS = sorted(p.parent for p in JOBS.glob("*/meta.json"))
+
+
+def _paths(node):
+    if isinstance(node, dict):
+        if "path" in node:
+            yield node["path"]
+        for v in node.values():
+            yield from _paths(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from _paths(v)
+
+
+def _configs(job):
+    return [json.loads(p.read_text()) for p in sorted((job / "app" / "config").glob("config_fed_*.json"))]
+
+
+def test_the_two_jobs_exist():
+    assert {p.name for p in JOB_DIRS} >= {"fssl_covid_seg", "fedavg_supervised"}
+
+
+@pytest.mark.parametrize("job", JOB_DIRS, ids=lambda p: p.name)
+def test_every_class_path_is_importable(job):
+    paths = [p for cfg in _configs(job) for p in _paths(cfg)]
+    assert paths
+    for dotted in paths:
+        module, _, name = dotted.rpartition(".")
+        assert getattr(importlib.import_module(module), name), dotted
+
+
+@pytest.mark.parametrize("job", JOB_DIRS, ids=lambda p: p.name)
+def test_job_ships_the_one_copy_of_the_code(job):
+    package = ROOT / "custom" / "fssl_covid"
+    shipped = job / "app" / "custom" / "fssl_covid"
+    wanted = {p.relative_to(package) for p in package.rglob("*")
+              if p.is_file() and "__pycache__" not in p.parts and p.suffix in (".py", ".json")}
+    have = {p.relative_to(shipped) for p in shipped.rglob("*") if p.is_symlink()}
+    assert have == wanted, "run scripts/link_job_code.py"
+    for rel in wanted:
+        link = shipped / rel
+        assert link.is_symlink() and link.resolve() == (package / rel).resolve()
+    assert not [p for p in shipped.rglob("*") if p.is_file() and not p.is_symlink()], "copies instead of links"
+
+
+@pytest.mark.parametrize("job", JOB_DIRS, ids=lambda p: p.name)
+def test_server_and_sites_build_the_same_network_and_config_is_valid(job):
+    server, client = (json.loads((job / "app" / "config" / f"config_fed_{s}.json").read_text())
+                      for s in ("server", "client"))
+    persistor = next(c for c in server["components"] if c["id"] == "persistor")
+    executor_args = client["executors"][0]["executor"]["args"]
+    assert persistor["args"]["model"]["args"] == executor_args["config"]["network"]
+    resolve_config(executor_args["config"])  # every key known, every value valid
+    meta = json.loads((job / "meta.json").read_text())
+    assert meta["deploy_map"] == {"app": ["@ALL"]} and meta["name"] == job.name
+    sag = next(w for w in server["workflows"] if w["path"].endswith("ScatterAndGather"))
+    assert sag["args"]["persistor_id"] == "persistor"
+    agg = next(c for c in server["components"] if c["id"] == "aggregator")
+    assert agg["args"]["expected_data_kind"] == "WEIGHTS"
+
+
+@pytest.mark.parametrize("job", JOB_DIRS, ids=lambda p: p.name)
+def test_jobs_carry_no_data_locations(job):
+    text = "".join((job / "app" / "config" / f).read_text() for f in os.listdir(job / "app" / "config"))
+    for word in ("datalist", "data_root", "/data", ".nii"):
+        assert word not in text
+
+
+def test_baseline_differs_from_fssl_only_in_the_unlabeled_data():
+    fssl = json.loads((JOBS / "fssl_covid_seg/app/config/config_fed_client.json").read_text())
+    base = json.loads((JOBS / "fedavg_supervised/app/config/config_fed_client.json").read_text())
+    a, b = (c["executors"][0]["executor"]["args"]["config"] for c in (fssl, base))
+    assert a["ssl"]["enabled"] is True and b["ssl"]["enabled"] is False
+    assert a["network"] == b["network"] and a["train"] == b["train"] and a["data"] == b["data"]
+    sa, sb = (json.loads((JOBS / j / "app/config/config_fed_server.json").read_text())
+              for j in ("fssl_covid_seg", "fedavg_supervised"))
+    assert sa["num_rounds"] == sb["num_rounds"]
