@@ -4,6 +4,7 @@
     fssl train     local training of one site, or centralized training on pooled datalists
     fssl evaluate  Dice of a checkpoint on a datalist
     fssl predict   lesion masks (or probabilities) on the input's own grid
+    fssl site-config  write a site's settings (data location, device) into its FLARE startup kit
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -133,6 +135,39 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def cmd_site_config(args) -> int:
+    from .site_settings import SETTINGS_FILE, SiteSettingsError, write_settings
+
+    explicit = {k: v for k, v in (("datalist", args.datalist), ("data_root", args.data_root),
+                                  ("device", args.device), ("num_threads", args.num_threads),
+                                  ("eval_key", args.eval_key)) if v is not None}
+    if args.from_dir:
+        source = Path(args.from_dir) / "local" / SETTINGS_FILE
+        if not source.is_file():
+            source = Path(args.from_dir) / SETTINGS_FILE
+        if not source.is_file():
+            raise SiteSettingsError(f"--from {args.from_dir}: no {SETTINGS_FILE} in it or in its local/ folder")
+        try:
+            settings = json.loads(source.read_text())
+        except json.JSONDecodeError as e:
+            raise SiteSettingsError(f"{source} is not valid JSON: {e}") from e
+        clash = sorted(k for k in explicit if k in settings and settings[k] not in (None, explicit[k]))
+        if clash:
+            raise SiteSettingsError(f"--from {source} and the command line disagree on {clash}: give one or the other")
+        settings.update(explicit)
+        base = source.parent
+        for key in ("datalist", "data_root"):  # relative paths in the source are relative to it
+            if settings.get(key) and not Path(os.path.expandvars(settings[key])).is_absolute():
+                settings[key] = str(base / os.path.expandvars(settings[key]))
+    else:
+        settings = explicit
+    if not settings.get("datalist"):
+        raise SiteSettingsError("a datalist is required: --datalist PATH or --from site_configs/<site>")
+    target = write_settings(args.kit, settings)
+    print(f"wrote {target}:\n{target.read_text()}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fssl", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -182,6 +217,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=None, help="mask threshold (default inference.threshold)")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("site-config", help="write a site's settings into its FLARE startup kit",
+                       description="Validate and write <kit>/local/fssl_site.json (data location, device, threads). "
+                                   "Values come from --from site_configs/<site> and/or the options; contradictory, "
+                                   "missing or non-existent values are refused. ${VAR} is expanded.")
+    p.add_argument("--kit", required=True, help="the site's startup kit folder (holds startup/ and local/)")
+    p.add_argument("--from", dest="from_dir", default=None, help="a site_configs/<site> folder to take settings from")
+    p.add_argument("--datalist", default=None, help="the site's datalist JSON")
+    p.add_argument("--data-root", default=None, help="root of the datalist's relative paths")
+    p.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--num-threads", type=int, default=None, help="torch CPU threads (0: default)")
+    p.add_argument("--eval-key", default=None, choices=["auto", "test", "validation"],
+                   help="cases scored in cross-site evaluation")
+    p.set_defaults(func=cmd_site_config)
     return parser
 
 
