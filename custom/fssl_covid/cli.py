@@ -5,6 +5,7 @@
     fssl evaluate  Dice of a checkpoint on a datalist
     fssl predict   lesion masks (or probabilities) on the input's own grid
     fssl site-config  write a site's settings (data location, device) into its FLARE startup kit
+    fssl validate-data  check a site's datalist and every file in it; lists every problem at once
 """
 
 from __future__ import annotations
@@ -168,6 +169,28 @@ def cmd_site_config(args) -> int:
     return 0
 
 
+def cmd_validate_data(args) -> int:
+    from .site_settings import SETTINGS_FILE, read_settings
+    from .validation import validate_datalist
+
+    if args.settings:
+        if args.data_root:
+            raise ValueError("--data-root goes with --datalist; with --settings the site's data_root is used")
+        source = Path(args.settings)
+        if source.is_dir():  # a kit, or its local/ folder
+            source = next((p for p in (source / "local" / SETTINGS_FILE, source / SETTINGS_FILE) if p.is_file()),
+                          source / "local" / SETTINGS_FILE)
+        settings = read_settings(source, check_files=False)  # a missing datalist or data root is reported below
+        datalist, data_root = settings.datalist, settings.data_root
+    else:
+        datalist, data_root = args.datalist, args.data_root
+    report = validate_datalist(datalist, data_root, spatial_dims=args.spatial_dims, expect_hu=not args.no_hu)
+    for problem in report.problems:
+        print(problem)
+    print(f"{datalist}: {report.summary()}")
+    return 1 if report.fatal else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fssl", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -231,6 +254,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-key", default=None, choices=["auto", "test", "validation"],
                    help="cases scored in cross-site evaluation")
     p.set_defaults(func=cmd_site_config)
+
+    p = sub.add_parser("validate-data", help="check a site's datalist and every file in it",
+                       description="Check a datalist and every image and label it lists (readable NIfTI, shapes "
+                                   "and affines, label values, NaN, plausible HU, 2D/3D) and print every problem "
+                                   "(file: problem) and a summary. Exit status 1 if any problem is fatal (a case "
+                                   "or the datalist cannot be used), 0 otherwise (warnings only).")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--settings", default=None, help="a site's <kit>/local/fssl_site.json (or the kit folder)")
+    src.add_argument("--datalist", default=None, help="a datalist JSON")
+    p.add_argument("--data-root", default=None, help="root of the datalist's relative paths (with --datalist)")
+    p.add_argument("--spatial-dims", type=int, default=3, choices=[2, 3],
+                   help="3 for CT volumes (default), 2 for single slices")
+    p.add_argument("--no-hu", action="store_true",
+                   help="images are display intensities (e.g. 0..255), not Hounsfield units")
+    p.set_defaults(func=cmd_validate_data)
     return parser
 
 

@@ -61,8 +61,11 @@ DEFAULTS: dict[str, Any] = {
         # ssl.pseudo_labels): without it the rare lesion class is rarely confident enough and an unlabeled site
         # learns to erase lesions.
         "class_adaptive_threshold": True,
-        # "ce" or "dice_ce" (masked cross-entropy, plus a masked soft Dice on the lesion class).
+        # "ce" (masked cross-entropy), "dice_ce" (plus a masked soft Dice on the lesion class) or "mse" (soft
+        # Mean-Teacher consistency between student and teacher probabilities on confident voxels).
         "unsup_loss": "dice_ce",
+        # Average the cross-entropy within each pseudo-class (background cannot drown the rare lesion class).
+        "class_balanced": True,
         # loss = supervised + lambda(t) * unsupervised; lambda is 0 during warm-up, then ramps up (sigmoid
         # ramp of Laine & Aila) to unsup_weight.  t counts epochs (in FL: round * epochs_per_round + epoch).
         "unsup_weight": 1.0,
@@ -161,8 +164,8 @@ def _check(cfg: dict) -> None:
         raise ConfigError(f"network.name must be 'unet' or 'segresnet', got '{net['name']}'")
     if ssl["teacher"] not in ("global", "ema"):
         raise ConfigError(f"ssl.teacher must be 'global' or 'ema', got '{ssl['teacher']}'")
-    if ssl["unsup_loss"] not in ("ce", "dice_ce"):
-        raise ConfigError(f"ssl.unsup_loss must be 'ce' or 'dice_ce', got '{ssl['unsup_loss']}'")
+    if ssl["unsup_loss"] not in ("ce", "dice_ce", "mse"):
+        raise ConfigError(f"ssl.unsup_loss must be 'ce', 'dice_ce' or 'mse', got '{ssl['unsup_loss']}'")
     if not 0.0 <= ssl["confidence_threshold"] < 1.0:
         raise ConfigError(f"ssl.confidence_threshold must be in [0, 1), got {ssl['confidence_threshold']}")
     if train["optimizer"] not in ("adamw", "sgd"):

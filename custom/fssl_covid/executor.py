@@ -23,6 +23,7 @@ from nvflare.app_common.app_constant import AppConstants
 from .data import load_datalist
 from .site_settings import find_settings
 from .trainer import SegmentationTrainer
+from .validation import data_expectations, usable_cases
 
 
 class FSSLExecutor(Executor):
@@ -75,15 +76,23 @@ class FSSLExecutor(Executor):
         cfg = dict(self.config)
         if settings.num_threads:
             cfg["train"] = {**cfg.get("train", {}), "num_threads": settings.num_threads}
-        self.trainer = SegmentationTrainer(cfg, datalist, device=settings.device, logger=self.logger)
+        self.trainer = SegmentationTrainer(cfg, datalist, device=settings.device, logger=self.logger,
+                                           on_bad_case=settings.on_bad_case)
         key = settings.eval_key if settings.eval_key != "auto" else ("test" if datalist["test"] else "validation")
-        self.eval_cases = datalist[key]
+        skipped = sum(self.trainer.skipped_cases.values())  # a count only: files are named in the site log
+        if key == "validation":
+            self.eval_cases = self.trainer.validation_cases
+        else:
+            self.eval_cases = usable_cases(datalist[key], key, *data_expectations(self.trainer.cfg),
+                                           on_bad=settings.on_bad_case, logger=self.logger)
+            skipped += len(datalist[key]) - len(self.eval_cases)
         if self.analytics_writer_id:
             self.writer = fl_ctx.get_engine().get_component(self.analytics_writer_id)
         t = self.trainer
         self.log_info(fl_ctx, f"site {site} ready on {t.device}: {len(t.labeled_cases)} labeled, "
                               f"{len(t.unlabeled_cases)} unlabeled, {len(t.validation_cases)} validation, "
-                              f"{len(self.eval_cases)} cross-site evaluation cases (settings: {settings.source})")
+                              f"{len(self.eval_cases)} cross-site evaluation cases, {skipped} unusable cases "
+                              f"skipped (settings: {settings.source})")
 
     # ------------------------------------------------------------------ tasks
     def execute(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:

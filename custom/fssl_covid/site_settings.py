@@ -8,8 +8,11 @@ site and travel through the server).  Example::
       "data_root": null,                             # root of the datalist's relative paths (default: its folder)
       "device": "auto",                              # auto | cpu | cuda | cuda:N
       "num_threads": 0,                              # torch CPU threads (0: torch's default)
-      "eval_key": "auto"                             # cases scored in cross-site evaluation: auto = test, else validation
-    }
+      "eval_key": "auto",                            # cross-site evaluation cases: auto = test, else validation
+      "on_bad_case": "skip"                          # unusable case (corrupt file, NaN, wrong shape...): skip it with a
+    }                                                # warning in the site log, or "stop" the site naming the file
+
+Check a site's data beforehand with ``fssl validate-data --settings <kit>/local/fssl_site.json``.
 
 String values may use environment variables (``${FSSL_DATA_DIR}/china/datalist.json``).
 """
@@ -36,13 +39,14 @@ class SiteSettings:
     device: str = "auto"
     num_threads: int = 0
     eval_key: str = "auto"
+    on_bad_case: str = "skip"  # "skip" | "stop" (see fssl_covid.validation.usable_cases)
     source: str = ""  # the file these settings came from
 
     def public(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k != "source"}
 
 
-_KEYS = {"datalist", "data_root", "device", "num_threads", "eval_key"}
+_KEYS = {"datalist", "data_root", "device", "num_threads", "eval_key", "on_bad_case"}
 
 
 def settings_candidates(site_config_dir: str | Path | None, site_name: str) -> list[Path]:
@@ -86,6 +90,8 @@ def read_settings(path: str | Path, check_files: bool = True) -> SiteSettings:
         s.data_root = _resolve(s.data_root, path, "data_root")
     if s.eval_key not in ("auto", "test", "validation"):
         raise SiteSettingsError(f"site settings file {path}: eval_key must be auto, test or validation")
+    if s.on_bad_case not in ("skip", "stop"):
+        raise SiteSettingsError(f"site settings file {path}: on_bad_case must be skip or stop")
     if check_files:
         if not Path(s.datalist).is_file():
             raise SiteSettingsError(f"site settings file {path}: datalist {s.datalist} does not exist")

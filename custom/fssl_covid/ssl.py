@@ -141,7 +141,7 @@ def pseudo_labels(teacher_probs: torch.Tensor, threshold: float,
 
 
 def masked_consistency_loss(student_logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
-                            with_dice: bool = True, eps: float = 1e-5) -> torch.Tensor:
+                            with_dice: bool = True, class_balanced: bool = True, eps: float = 1e-5) -> torch.Tensor:
     """Class-balanced cross-entropy on confident voxels, plus optionally a soft Dice on the lesion class.
 
     The cross-entropy is averaged within each pseudo-class and then over the classes present, so the abundant,
@@ -151,8 +151,13 @@ def masked_consistency_loss(student_logits: torch.Tensor, labels: torch.Tensor, 
     """
     ce = F.cross_entropy(student_logits.float(), labels, reduction="none")
     coverage = mask.mean()
-    terms = []
-    for c in range(student_logits.shape[1]):
+    if not class_balanced:
+        loss = (ce * mask).sum() / mask.numel()
+        terms = [loss]
+        coverage = 1.0
+    else:
+        terms = []
+    for c in range(student_logits.shape[1]) if class_balanced else ():
         m = mask * (labels == c).float()
         if m.sum() > 0:
             terms.append((ce * m).sum() / m.sum())
@@ -191,7 +196,13 @@ class ConsistencyObjective:
         labels, mask = pseudo_labels(probs, self.cfg["confidence_threshold"], self.cfg["class_adaptive_threshold"])
         with autocast():
             logits = student(xs)
-        loss = masked_consistency_loss(logits, labels, mask, with_dice=self.cfg["unsup_loss"] == "dice_ce")
+        if self.cfg["unsup_loss"] == "mse":
+            # Mean-Teacher style soft consistency on confident voxels
+            diff = (torch.softmax(logits.float(), dim=1) - probs).pow(2).sum(dim=1)
+            loss = (diff * mask).sum() / mask.numel()
+        else:
+            loss = masked_consistency_loss(logits, labels, mask, with_dice=self.cfg["unsup_loss"] == "dice_ce",
+                                           class_balanced=self.cfg["class_balanced"])
         stats = {"confident_fraction": float(mask.mean()),
                  "pseudo_lesion_fraction": float((labels > 0).float().mul(mask).sum() / mask.sum().clamp(min=1))}
         return loss, stats

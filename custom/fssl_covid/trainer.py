@@ -26,6 +26,7 @@ from .config import resolve_config
 from .data import evaluation_dataset, evaluation_loader, infinite_batches, training_dataset
 from .networks import build_network
 from .ssl import ConsistencyObjective, Perturbation, unsup_weight
+from .validation import data_expectations, usable_cases
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +61,13 @@ class SegmentationTrainer:
         datalist: ``{"training": [...], "validation": [...], "unlabeled": [...]}`` with absolute paths
             (see :func:`fssl_covid.data.load_datalist`); any key may be missing or empty.
         device: "auto" (CUDA when available), "cpu", "cuda", "cuda:1", ...
+        on_bad_case: "skip" drops unusable cases (corrupt files, NaN, wrong shape, ...; see
+            :mod:`fssl_covid.validation`) with one warning each and counts them in ``skipped_cases``;
+            "stop" raises :class:`~fssl_covid.data.DataError` naming the first one.
     """
 
     def __init__(self, config: Mapping | None, datalist: Mapping[str, list], device: str | None = "auto",
-                 logger: logging.Logger | None = None):
+                 logger: logging.Logger | None = None, on_bad_case: str = "skip"):
         self.cfg = resolve_config(config)
         self.log = logger or log
         tcfg = self.cfg["train"]
@@ -79,6 +83,13 @@ class SegmentationTrainer:
         self.labeled_cases = list(datalist.get("training") or [])
         self.unlabeled_cases = list(datalist.get("unlabeled") or []) if self.cfg["ssl"]["enabled"] else []
         self.validation_cases = list(datalist.get("validation") or [])
+        self.skipped_cases: dict[str, int] = {}
+        for key, attr in (("training", "labeled_cases"), ("unlabeled", "unlabeled_cases"),
+                          ("validation", "validation_cases")):
+            cases = getattr(self, attr)
+            kept = usable_cases(cases, key, *data_expectations(self.cfg), on_bad=on_bad_case, logger=self.log)
+            self.skipped_cases[key] = len(cases) - len(kept)
+            setattr(self, attr, kept)
 
         self.model = build_network(**self.cfg["network"]).to(self.device)
         self.optimizer = self._make_optimizer()
