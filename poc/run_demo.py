@@ -222,6 +222,13 @@ def run_demo(args) -> int:
                 if outputs.get(key):
                     print(f"  {label:20s} {outputs[key]}")
             print(f"  {'site logs':20s} {path / 'site_logs'} (copied from the sites' workspaces for the demo)")
+            try:  # demo only: all sites' data is on this machine, so the report may show their scans
+                from fssl_covid.report import build_report
+
+                report = build_report(path, datalists={s: data_dir / s / "datalist.json" for s in args.sites})
+                print(f"  report: {report} (and report.md next to it)")
+            except Exception as e:  # the results above stand without it
+                print(f"  warning: no report for {name}: {type(e).__name__}: {e}", file=sys.stderr)
         return 0
     except (DemoError, KeyboardInterrupt, subprocess.TimeoutExpired) as e:
         print(f"demo stopped: {e}", file=sys.stderr)

@@ -6,6 +6,7 @@
     fssl predict   lesion masks (or probabilities) on the input's own grid
     fssl site-config  write a site's settings (data location, device) into its FLARE startup kit
     fssl validate-data  check a site's datalist and every file in it; lists every problem at once
+    fssl report    figures and tables of a finished FLARE job (markdown + self-contained HTML)
 """
 
 from __future__ import annotations
@@ -191,6 +192,31 @@ def cmd_validate_data(args) -> int:
     return 1 if report.fatal else 0
 
 
+def cmd_experiment(args) -> int:
+    from .experiment import main_experiment
+
+    main_experiment(args.study, args.out, quick=args.quick, device=args.device, methods=args.methods,
+                    seeds=args.seeds, data=args.data, epochs=args.epochs)
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .report import build_report
+
+    datalists = {}
+    for item in args.data or []:
+        site, sep, path = item.partition("=")
+        if not sep or not site or not path:
+            raise ValueError(f"--data {item!r}: expected SITE=/path/to/datalist.json")
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"--data {item}: datalist {path} does not exist")
+        datalists[site] = path
+    html_path = build_report(args.job_dir, out_dir=args.out, datalists=datalists or None, n_overlays=args.overlays)
+    print(f"report (HTML, self-contained): {html_path}")
+    print(f"report (markdown + PNG figures): {html_path.with_name('report.md')}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fssl", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -255,6 +281,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cases scored in cross-site evaluation")
     p.set_defaults(func=cmd_site_config)
 
+    p = sub.add_parser("experiment", help="run a study: a matrix of methods, one results folder",
+                       description="Study A (synthetic3d): synthetic 3D CT, cross-site matrix. Study B (real2d): real "
+                                   "COVID-SemiSeg slices from ../shared/data/covid_semiseg. Writes results.json, "
+                                   "results.md, PNG plots and per-method checkpoints. Federated methods run in "
+                                   "FLARE's simulator.")
+    p.add_argument("study", choices=["synthetic3d", "real2d"])
+    p.add_argument("--out", required=True, help="results folder")
+    p.add_argument("--quick", action="store_true", help="tiny network and budget: a smoke run of a few minutes")
+    p.add_argument("--methods", nargs="+", default=None, help="subset of methods (default: the study's matrix)")
+    p.add_argument("--seeds", nargs="+", type=int, default=None, help="seeds (default: 0)")
+    p.add_argument("--epochs", type=int, default=None, help="override the budget (total local epochs)")
+    p.add_argument("--data", default=None, help="real2d: the covid_semiseg folder; synthetic3d: MosMed masks folder")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_experiment)
+
     p = sub.add_parser("validate-data", help="check a site's datalist and every file in it",
                        description="Check a datalist and every image and label it lists (readable NIfTI, shapes "
                                    "and affines, label values, NaN, plausible HU, 2D/3D) and print every problem "
@@ -269,6 +310,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-hu", action="store_true",
                    help="images are display intensities (e.g. 0..255), not Hounsfield units")
     p.set_defaults(func=cmd_validate_data)
+
+    p = sub.add_parser("report", help="figures and tables of a finished FLARE job (markdown + self-contained HTML)",
+                       description="Read a downloaded (nvflare job download) or simulated job folder and write "
+                                   "report.md, report.html (figures embedded) and PNG figures: validation Dice per "
+                                   "round, per-site training curves (from the job's TensorBoard events), the "
+                                   "cross-site Dice matrix and, with --data, the final global model's predictions "
+                                   "on a few labeled scans of those sites (keep such a report at the site).")
+    p.add_argument("job_dir", metavar="JOB_DIR", help="downloaded job folder, or a simulator's server/simulate_job")
+    p.add_argument("--out", default=None, help="output folder (default JOB_DIR/report)")
+    p.add_argument("--data", action="append", metavar="SITE=DATALIST",
+                   help="a site's datalist JSON for prediction overlays; repeat per site")
+    p.add_argument("--overlays", type=int, default=3, metavar="N", help="labeled scans shown per site (default 3)")
+    p.set_defaults(func=cmd_report)
     return parser
 
 

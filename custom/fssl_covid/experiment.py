@@ -1,0 +1,347 @@
+"""The paper's experiments: a matrix of methods with the same network, budget and seeds, one results folder.
+
+    fssl experiment synthetic3d --out results/study_a [--quick]   # Study A: synthetic 3D, cross-site matrix
+    fssl experiment real2d      --out results/study_b [--quick]   # Study B: real COVID-SemiSeg slices, 2D
+
+Methods (every one with the same network, the same total number of local epochs, the same seed):
+
+- ``local``            each labeled site alone, supervised
+- ``centralized``      all labeled data pooled, supervised
+- ``centralized_ssl``  all data pooled, the same semi-supervised objective (the data-sharing reference)
+- ``fedavg_supervised`` FLARE job ``jobs/fedavg_supervised`` (unlabeled data ignored)
+- ``fssl``             FLARE job ``jobs/fssl_covid_seg`` (the product)
+- ``fssl_no_upweight`` / ``fssl_no_threshold`` / ``fssl_ema_teacher``: ablations of ``fssl``
+
+Federated methods run through FLARE's simulator (real server and site components), not a re-implementation.
+The budget: ``epochs`` total local epochs of ``iterations_per_epoch`` iterations; federated methods run
+``epochs`` rounds of one local epoch each.  The results folder holds ``results.json`` (every figure),
+``results.md`` (tables), PNG plots, and per method ``model_final.pt`` / ``model_best.pt`` checkpoints that carry
+their configuration (usable with ``fssl predict`` / ``fssl evaluate``).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import resolve_config
+from .data import evaluation_dataset, load_datalist
+from .inference import dice_at, threshold_averaged_dice
+from .jobs import customize_job, flare_env, run_simulator, write_site_configs
+from .trainer import SegmentationTrainer, save_checkpoint
+
+PRESETS = Path(__file__).resolve().parent / "presets"
+SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
+
+FEDERATED = {
+    "fedavg_supervised": ("fedavg_supervised", {}, {}),
+    "fssl": ("fssl_covid_seg", {}, {}),
+    "fssl_no_upweight": ("fssl_covid_seg", {}, {"labeled_weight": 1.0}),
+    "fssl_no_threshold": ("fssl_covid_seg", {"ssl": {"confidence_threshold": 0.0}}, {}),
+    "fssl_ema_teacher": ("fssl_covid_seg", {"ssl": {"teacher": "ema"}}, {}),
+}
+ALL_METHODS = ["local", "centralized", "centralized_ssl", *FEDERATED]
+
+
+@dataclass
+class Study:
+    name: str
+    config: dict  # training config (budget included)
+    sites: dict[str, dict]  # site -> datalist (absolute paths; keys training/validation/unlabeled/test)
+    eval_key: str  # "test" (cross-site matrix) or "validation"
+    methods: list[str]
+    seeds: list[int] = field(default_factory=lambda: [0])
+    description: str = ""
+
+
+def _preset(name: str) -> dict:
+    return json.loads((PRESETS / f"{name}.json").read_text())
+
+
+def study_synthetic3d(out: Path, quick: bool, mosmed: str | None = None) -> Study:
+    from .synthetic import make_federation
+
+    data = out / "data"
+    paths = make_federation(data, seed=0, mosmed_dir=mosmed)
+    cfg = resolve_config(_preset("synthetic3d"))
+    if quick:
+        cfg["network"]["channels"] = [4, 8, 16]
+        cfg["network"]["strides"] = [2, 2]
+        cfg["data"]["patch_size"] = [32, 32, 16]
+        cfg["train"].update({"epochs": 4, "iterations_per_epoch": 6})
+        cfg["ssl"].update({"warmup_epochs": 1, "rampup_epochs": 1})
+    sites = {s: load_datalist(p) for s, p in paths.items()}
+    return Study("synthetic3d", cfg, sites, "test", list(ALL_METHODS),
+                 description="Study A: synthetic 3D chest CT (china, italy, japan), held-out labeled test scans at "
+                             "every site; the cross-site matrix is Dice of each model on each site's test scans.")
+
+
+def study_real2d(out: Path, quick: bool, root: Path | None = None, n_validation: int = 10, seed: int = 0) -> Study:
+    root = Path(root or SHARED_DATA / "covid_semiseg")
+    if not (root / "italy.json").is_file():
+        raise FileNotFoundError(f"COVID-SemiSeg datalists not found in {root} (see ../shared/data/README.md)")
+    italy = load_datalist(root / "italy.json")["training"]
+    order = list(range(len(italy)))
+    random.Random(seed).shuffle(order)  # fixed, seeded split: validation slices are never trained on
+    validation = sorted(order[:n_validation])
+    train = [italy[i] for i in sorted(order[n_validation:])]
+    sites = {
+        "italy": {"training": train, "validation": [italy[i] for i in validation], "unlabeled": [], "test": []},
+        "coronacases": {"training": [], "validation": [], "test": [],
+                        "unlabeled": load_datalist(root / "coronacases.json")["unlabeled"]},
+        "radiopaedia": {"training": [], "validation": [], "test": [],
+                        "unlabeled": load_datalist(root / "radiopaedia.json")["unlabeled"]},
+    }
+    cfg = resolve_config(_preset("covid2d"))
+    if quick:
+        cfg["data"]["patch_size"] = [96, 96]
+        cfg["network"]["channels"] = [8, 16, 32]
+        cfg["network"]["strides"] = [2, 2]
+        cfg["train"].update({"epochs": 4, "iterations_per_epoch": 6, "batch_size": 4, "unlabeled_batch_size": 4})
+        cfg["ssl"].update({"warmup_epochs": 1, "rampup_epochs": 1})
+        for s in ("coronacases", "radiopaedia"):
+            sites[s]["unlabeled"] = sites[s]["unlabeled"][:24]
+    methods = ["local", "centralized_ssl", "fssl", "fssl_no_threshold", "fssl_ema_teacher"]
+    (out / "split.json").parent.mkdir(parents=True, exist_ok=True)
+    (out / "split.json").write_text(json.dumps({"seed": seed, "italy_validation_indices": validation}, indent=1))
+    return Study("real2d", cfg, sites, "validation", methods,
+                 description="Study B: real COVID-SemiSeg slices (Fan et al., IEEE TMI 2020; non-commercial). "
+                             f"italy: {len(train)} labeled training slices, {n_validation} held-out validation slices "
+                             "(fixed seeded split, never trained on); coronacases and radiopaedia: unlabeled.")
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+def evaluate_model(cfg: dict, weights: dict, cases: list[dict], device: str) -> dict:
+    """Dice at 0.5 and threshold-averaged ("mean") Dice per image, averaged over images."""
+    if not cases:
+        return {}
+    trainer = SegmentationTrainer(cfg, {}, device=device)
+    trainer.set_weights(weights)
+    d05, dmean = [], []
+    for item in evaluation_dataset(cfg, cases):
+        x = item["image"].unsqueeze(0).to(trainer.device)
+        prob = torch.softmax(trainer.predict_logits(x), dim=1)[0, 1].cpu().numpy()
+        target = item["label"][0].cpu().numpy()
+        d05.append(dice_at(prob, target))
+        dmean.append(threshold_averaged_dice(prob, target))
+    return {"dice": float(np.mean(d05)), "mean_dice_256": float(np.mean(dmean)), "n": len(d05)}
+
+
+def _labeled_union(study: Study, key: str) -> list[dict]:
+    return [c for s in study.sites.values() for c in s[key]]
+
+
+# ---------------------------------------------------------------------------------------------- methods
+def run_centralized(study: Study, method: str, seed: int, out: Path, device: str) -> dict:
+    """local / centralized / centralized_ssl: SegmentationTrainer.fit on one site or the pool."""
+    cfg = copy.deepcopy(study.config)
+    cfg["train"]["seed"] = seed
+    cfg["ssl"]["enabled"] = method == "centralized_ssl"
+    validation = _labeled_union(study, "validation")
+    if method == "local":
+        groups = {s: d for s, d in study.sites.items() if d["training"]}
+    else:
+        groups = {"pooled": {k: _labeled_union(study, k) for k in ("training", "unlabeled")}}
+    runs = {}
+    for name, data in groups.items():
+        run_dir = out / (method if method != "local" or len(groups) == 1 else f"local_{name}")
+        t0 = time.time()
+        trainer = SegmentationTrainer(cfg, {"training": data["training"], "unlabeled": data.get("unlabeled", []),
+                                            "validation": validation}, device=device)
+        fit = trainer.fit()
+        save_checkpoint(run_dir / "model_final.pt", trainer.get_weights(), trainer.cfg)
+        best = trainer.best_weights or trainer.get_weights()
+        save_checkpoint(run_dir / "model_best.pt", best, trainer.cfg)
+        runs[run_dir.name] = {"curve": [h["val_dice"] for h in fit["history"]], "seconds": time.time() - t0,
+                              "final": trainer.get_weights(), "best": best, "cfg": trainer.cfg, "trained_at": [name]}
+    return runs
+
+
+def run_federated(study: Study, method: str, seed: int, out: Path, device: str) -> dict:
+    job_name, config_patch, executor_args = FEDERATED[method]
+    cfg = copy.deepcopy(study.config)
+    cfg["train"]["seed"] = seed
+    rounds = int(cfg["train"]["epochs"])
+    cfg["train"]["epochs"] = 1  # one local epoch per round: the same total number of local epochs
+    from .jobs import deep_update
+
+    deep_update(cfg, config_patch)
+    run_dir = out / method
+    sites = list(study.sites)
+    datalists = {}
+    for site, data in study.sites.items():
+        path = run_dir / "datalists" / f"{site}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({k: data[k] for k in ("training", "validation", "unlabeled", "test")}))
+        datalists[site] = {"datalist": str(path), "device": device, "num_threads": 1, "eval_key": study.eval_key}
+    site_configs = write_site_configs(run_dir / "site_configs", datalists)
+    job = customize_job(job_name, run_dir / "job", rounds=rounds, config=cfg, executor_args=executor_args,
+                        min_clients=len(sites), job_name=method)
+    env = flare_env(run_dir, FSSL_SITE_CONFIGS=str(site_configs))
+    t0 = time.time()
+    proc = run_simulator(job, run_dir / "simulator", sites, env, log_file=run_dir / "simulator.log")
+    if proc.returncode != 0:
+        raise RuntimeError(f"{method}: FLARE simulator failed (exit {proc.returncode}); see {run_dir / 'simulator.log'}")
+    server = run_dir / "simulator" / "server" / "simulate_job"
+    final = torch.load(server / "app_server" / "FL_global_model.pt", weights_only=True)["model"]
+    best_file = server / "app_server" / "best_FL_global_model.pt"
+    best = torch.load(best_file, weights_only=True)["model"] if best_file.is_file() else final
+    full_cfg = resolve_config(cfg)
+    save_checkpoint(run_dir / "model_final.pt", final, full_cfg)
+    save_checkpoint(run_dir / "model_best.pt", best, full_cfg)
+    from .results import load_cross_site
+
+    return {method: {"curve": _round_curve(proc.stdout + proc.stderr, study), "seconds": time.time() - t0,
+                     "final": final, "best": best, "cfg": full_cfg, "trained_at": sites,
+                     "flare_cross_site": load_cross_site(server / "cross_site_val" / "cross_val_results.json")}}
+
+
+def _round_curve(log: str, study: Study) -> list[float]:
+    """Validation Dice of the global model received in each round, averaged over the sites that report it."""
+    per_round: dict[int, list[float]] = {}
+    for line in log.splitlines():
+        if "val_dice received" in line and "round " in line:
+            try:
+                rnd = int(line.split("round ", 1)[1].split("/", 1)[0])
+                value = line.split("val_dice received ", 1)[1].split(" ", 1)[0]
+            except (IndexError, ValueError):
+                continue
+            if value != "n/a":
+                per_round.setdefault(rnd, []).append(float(value))
+    return [float(np.mean(per_round[r])) for r in sorted(per_round)]
+
+
+# ---------------------------------------------------------------------------------------------- runner
+def run_study(study: Study, out: Path, device: str = "auto", methods: list[str] | None = None,
+              log=print) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    methods = methods or study.methods
+    results: dict = {"study": study.name, "description": study.description, "config": study.config,
+                     "seeds": study.seeds, "eval_key": study.eval_key, "methods": {}}
+    eval_sets = {s: d[study.eval_key] for s, d in study.sites.items() if d[study.eval_key]}
+    for method in methods:
+        for seed in study.seeds:
+            seed_dir = out / f"seed{seed}"
+            log(f"[{study.name}] {method} seed {seed} ...")
+            runner = run_federated if method in FEDERATED else run_centralized
+            for name, run in runner(study, method, seed, seed_dir, device).items():
+                entry = {"seconds": round(run["seconds"], 1), "curve": run["curve"], "trained_at": run["trained_at"],
+                         "final": {}, "best": {}}
+                for which in ("final", "best"):
+                    for site, cases in eval_sets.items():
+                        entry[which][site] = evaluate_model(run["cfg"], run[which], cases, device)
+                results["methods"].setdefault(name, {})[str(seed)] = entry
+                summary = ", ".join(f"{s} {v['dice']:.3f}" for s, v in entry["final"].items())
+                log(f"    {name}: final Dice {summary} ({entry['seconds']:.0f} s)")
+            (out / "results.json").write_text(json.dumps(results, indent=1))
+    (out / "results.md").write_text(markdown_tables(results))
+    plot_results(results, out)
+    return results
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return float(np.mean(values)), float(np.std(values)) if len(values) > 1 else 0.0
+
+
+def markdown_tables(results: dict) -> str:
+    sites = sorted({s for m in results["methods"].values() for r in m.values() for s in r["final"]})
+    lines = [f"# {results['study']}", "", results["description"], "",
+             f"Seeds: {results['seeds']}. Scores: Dice at 0.5 and mean Dice over 256 thresholds "
+             f"(per image, then averaged) on each site's `{results['eval_key']}` scans; mean ± std over seeds.", ""]
+    for which in ("final", "best"):
+        lines += [f"## {which} model", "", "| method | " + " | ".join(f"{s} Dice" for s in sites) + " | "
+                  + " | ".join(f"{s} mean-Dice(256)" for s in sites) + " | time (s) |",
+                  "|" + "---|" * (2 * len(sites) + 2)]
+        for method, by_seed in results["methods"].items():
+            cells = []
+            for metric in ("dice", "mean_dice_256"):
+                for s in sites:
+                    vals = [r[which][s][metric] for r in by_seed.values() if s in r[which] and r[which][s]]
+                    if vals:
+                        m, sd = _mean_std(vals)
+                        cells.append(f"{m:.3f}" + (f" ± {sd:.3f}" if len(vals) > 1 else ""))
+                    else:
+                        cells.append("-")
+            secs = np.mean([r["seconds"] for r in by_seed.values()])
+            lines.append(f"| {method} | " + " | ".join(cells) + f" | {secs:.0f} |")
+        lines.append("")
+    lines.append("The empty-mask baseline (no lesion predicted) scores Dice 0 on every scan with a lesion.")
+    return "\n".join(lines) + "\n"
+
+
+def plot_results(results: dict, out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method, by_seed in results["methods"].items():
+        curve = next(iter(by_seed.values()))["curve"]
+        if curve:
+            ax.plot(range(1, len(curve) + 1), curve, marker="o", ms=3, label=method)
+    ax.set_xlabel("epoch (centralized) / round (federated)")
+    ax.set_ylabel("validation Dice")
+    ax.set_title(f"{results['study']}: validation Dice during training (seed {results['seeds'][0]})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    written.append(out / "dice_per_round.png")
+    fig.savefig(written[-1], dpi=120)
+    plt.close(fig)
+
+    sites = sorted({s for m in results["methods"].values() for r in m.values() for s in r["final"]})
+    methods = list(results["methods"])
+    matrix = np.array([[np.mean([r["final"][s]["dice"] for r in results["methods"][m].values() if r["final"].get(s)])
+                        if any(r["final"].get(s) for r in results["methods"][m].values()) else np.nan
+                        for s in sites] for m in methods])
+    fig, ax = plt.subplots(figsize=(1.6 * len(sites) + 3, 0.45 * len(methods) + 1.5))
+    im = ax.imshow(matrix, cmap="viridis", vmin=0, vmax=1, aspect="auto")
+    ax.set_xticks(range(len(sites)), [f"tested at {s}" for s in sites])
+    ax.set_yticks(range(len(methods)), methods)
+    for i in range(len(methods)):
+        for j in range(len(sites)):
+            if not np.isnan(matrix[i, j]):
+                ax.text(j, i, f"{matrix[i, j]:.3f}", ha="center", va="center",
+                        color="white" if matrix[i, j] < 0.6 else "black", fontsize=8)
+    fig.colorbar(im, ax=ax, label="Dice (final model)")
+    ax.set_title(f"{results['study']}: trained where (rows) x tested where (columns)")
+    fig.tight_layout()
+    written.append(out / "cross_site_matrix.png")
+    fig.savefig(written[-1], dpi=120)
+    plt.close(fig)
+    return written
+
+
+def main_experiment(study_name: str, out: str, quick: bool = False, device: str = "auto",
+                    methods: list[str] | None = None, seeds: list[int] | None = None, data: str | None = None,
+                    epochs: int | None = None) -> dict:
+    out_dir = Path(out).resolve()
+    if study_name == "synthetic3d":
+        study = study_synthetic3d(out_dir, quick, mosmed=data)
+    elif study_name == "real2d":
+        study = study_real2d(out_dir, quick, root=Path(data) if data else None)
+    else:
+        raise ValueError(f"unknown study '{study_name}' (synthetic3d or real2d)")
+    if seeds:
+        study.seeds = seeds
+    if epochs:
+        study.config["train"]["epochs"] = epochs
+    unknown = sorted(set(methods or []) - set(ALL_METHODS))
+    if unknown:
+        raise ValueError(f"unknown methods {unknown} (known: {', '.join(ALL_METHODS)})")
+    t0 = time.time()
+    results = run_study(study, out_dir, device=device, methods=methods)
+    results["seconds_total"] = round(time.time() - t0, 1)
+    (out_dir / "results.json").write_text(json.dumps(results, indent=1))
+    print((out_dir / "results.md").read_text())
+    print(f"results in {out_dir} ({results['seconds_total']:.0f} s)")
+    return results

@@ -1,0 +1,92 @@
+"""Customizing and running the repository's FLARE jobs (for experiments and tests): copy a job from ``jobs/`` with
+its code (following the per-file links), set rounds and training config, run it in FLARE's simulator."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+JOBS = REPO / "jobs"
+
+
+def deep_update(base: dict, override: dict) -> dict:
+    """Merge ``override`` into ``base`` in place (nested dicts merged, other values replaced)."""
+    for k, v in override.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            deep_update(base[k], v)
+        else:
+            base[k] = copy.deepcopy(v)
+    return base
+
+
+def customize_job(name: str, dst: Path, rounds: int | None = None, config: dict | None = None,
+                  executor_args: dict | None = None, min_clients: int | None = None, job_name: str | None = None,
+                  source: Path = JOBS) -> Path:
+    """Copy ``<source>/<name>`` to ``dst/<job_name or name>`` with ``config`` merged into the sites' training config
+    (the server's network follows the sites' so both build the same model) and other executor args replaced."""
+    job = Path(dst) / (job_name or name)
+    if job.exists():
+        shutil.rmtree(job)
+    shutil.copytree(Path(source) / name, job, symlinks=False)
+    server_file = job / "app" / "config" / "config_fed_server.json"
+    client_file = job / "app" / "config" / "config_fed_client.json"
+    server, client = json.loads(server_file.read_text()), json.loads(client_file.read_text())
+    args = client["executors"][0]["executor"]["args"]
+    deep_update(args["config"], config or {})
+    args.update(executor_args or {})
+    persistor = next(c for c in server["components"] if c["id"] == "persistor")
+    persistor["args"]["model"]["args"] = copy.deepcopy(args["config"]["network"])
+    if rounds is not None:
+        server["num_rounds"] = rounds
+    if min_clients is not None:
+        server["min_clients"] = min_clients
+    meta_file = job / "meta.json"
+    meta = json.loads(meta_file.read_text())
+    meta["name"] = job.name
+    meta_file.write_text(json.dumps(meta, indent=1))
+    server_file.write_text(json.dumps(server, indent=1))
+    client_file.write_text(json.dumps(client, indent=1))
+    return job
+
+
+def job_training_config(job: Path) -> dict:
+    client = json.loads((Path(job) / "app" / "config" / "config_fed_client.json").read_text())
+    return client["executors"][0]["executor"]["args"]["config"]
+
+
+def write_site_configs(root: Path, settings: dict[str, dict]) -> Path:
+    """A folder laid out like ``site_configs/`` (``<site>/local/fssl_site.json``), for ``FSSL_SITE_CONFIGS``."""
+    for site, s in settings.items():
+        (Path(root) / site / "local").mkdir(parents=True, exist_ok=True)
+        (Path(root) / site / "local" / "fssl_site.json").write_text(json.dumps(s, indent=1))
+    return Path(root)
+
+
+def flare_env(work: Path, **extra: str) -> dict:
+    """Environment for FLARE commands: its state under ``work``, this interpreter's bin first on PATH."""
+    env = dict(os.environ)
+    env.update({"HOME": str(Path(work) / "home"), "TMPDIR": str(Path(work) / "tmp"),
+                "PATH": str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", ""),
+                "PYTHONPATH": str(REPO / "custom")})
+    env.update(extra)
+    for key in ("HOME", "TMPDIR"):
+        Path(env[key]).mkdir(parents=True, exist_ok=True)
+    return env
+
+
+def run_simulator(job: Path, workspace: Path, sites: list[str], env: dict, timeout: float | None = None,
+                  log_file: Path | None = None) -> subprocess.CompletedProcess:
+    """``nvflare simulator`` with one thread per site; returns the finished process (output captured)."""
+    nvflare = str(Path(sys.executable).parent / "nvflare")
+    cmd = [nvflare, "simulator", "-w", str(workspace), "-n", str(len(sites)), "-c", ",".join(sites),
+           "-t", str(len(sites)), str(job)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    if log_file is not None:
+        Path(log_file).write_text(proc.stdout + proc.stderr)
+    return proc
