@@ -1,0 +1,304 @@
+"""What leaves a site, as the server receives it (FSSL job in the simulator, with cross-site evaluation), and the
+privacy filters FLARE offers (docs/privacy.md).
+
+A test-only server-side ``task_result_filters`` filter records everything each site sends for every task (train,
+submit_model, validate): headers, cookies, peer props, the DXO's kind, data keys / shapes / dtypes, meta, and the
+peer context's public props.  A test-only server component records the training curves the sites stream
+(``fed.analytix_log_stats`` events).  The assertions are the project's privacy rule: only model weights and
+aggregate metrics leave a site - no paths, file names, images or per-case values.
+"""
+
+import importlib
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from nvflare.apis.dxo import DXO, DataKind, MetaKey
+from nvflare.apis.fl_context import FLContext
+
+from conftest import ROOT, TINY_3D
+from jobtools import flare_env, run_simulator
+from fssl_covid.jobs import customize_job
+from fssl_covid.networks import build_network
+
+SITES = ["china", "italy", "japan"]
+
+CAPTURE = '''
+"""Test-only: record everything a site sends (task results, streamed events) as JSON lines."""
+import json
+import threading
+
+import numpy as np
+from nvflare.apis.fl_component import FLComponent
+from nvflare.apis.fl_constant import FLContextKey, ReservedKey
+from nvflare.apis.fl_context import FLContext
+from nvflare.apis.filter import Filter
+
+_LOCK = threading.Lock()
+
+
+def plain(x, depth=0):
+    if depth > 30:
+        return {"__too_deep__": type(x).__name__}
+    if x is None or isinstance(x, (bool, int, float, str)):
+        return x
+    if isinstance(x, np.generic):
+        return x.item()
+    if hasattr(x, "shape") and hasattr(x, "dtype"):  # numpy array or tensor: describe, do not copy
+        return {"__array__": [int(n) for n in x.shape], "dtype": str(x.dtype)}
+    if isinstance(x, dict):
+        return {str(k): plain(v, depth + 1) for k, v in x.items()}
+    if isinstance(x, (list, tuple, set)):
+        return [plain(v, depth + 1) for v in x]
+    if isinstance(x, FLContext):
+        return {"__fl_context_public_props__": plain(x.get_all_public_props(), depth + 1)}
+    if isinstance(x, (bytes, bytearray)):
+        return {"__bytes__": len(x), "text": bytes(x[:4096]).decode("latin1")}
+    return {"__object__": type(x).__name__, "repr": repr(x)[:4096]}
+
+
+def _write(path, record):
+    with _LOCK, open(path, "a") as f:
+        f.write(json.dumps(record) + "\\n")
+
+
+def _peer(fl_ctx):
+    peer = fl_ctx.get_peer_context()
+    return plain(peer.get_all_public_props()) if isinstance(peer, FLContext) else None
+
+
+class CaptureResults(Filter):
+    def __init__(self, path):
+        super().__init__()
+        self.path = path
+
+    def process(self, shareable, fl_ctx):
+        _write(self.path, {"what": "task_result", "task": fl_ctx.get_prop(FLContextKey.TASK_NAME),
+                           "site": shareable.get_peer_prop(ReservedKey.IDENTITY_NAME, None),
+                           "shareable": plain(dict(shareable)), "peer_ctx": _peer(fl_ctx)})
+        return shareable
+
+
+class CaptureEvents(FLComponent):
+    def __init__(self, path, event_types=("fed.analytix_log_stats",)):
+        super().__init__()
+        self.path, self.event_types = path, list(event_types)
+
+    def handle_event(self, event_type, fl_ctx):
+        if event_type in self.event_types:
+            data = fl_ctx.get_prop(FLContextKey.EVENT_DATA)
+            _write(self.path, {"what": "event", "event": event_type, "data": plain(data), "peer_ctx": _peer(fl_ctx)})
+'''
+
+
+def _site_configs(root, datalists):
+    for site, datalist in datalists.items():
+        (root / site / "local").mkdir(parents=True)
+        (root / site / "local" / "fssl_site.json").write_text(json.dumps({"datalist": datalist, "num_threads": 1}))
+    return root
+
+
+def _strings(node):
+    """Every string in a captured record: dict keys and values, at any depth."""
+    if isinstance(node, str):
+        yield node
+    elif isinstance(node, dict):
+        for k, v in node.items():
+            yield k
+            yield from _strings(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from _strings(v)
+
+
+def _number_lists(node, path=""):
+    """Lists of several numbers anywhere in a record (per-case values would look like this); array descriptors
+    (shapes) excepted."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if k != "__array__":
+                yield from _number_lists(v, f"{path}/{k}")
+    elif isinstance(node, list):
+        if len([v for v in node if isinstance(v, (int, float)) and not isinstance(v, bool)]) > 1:
+            yield path, node
+        for i, v in enumerate(node):
+            yield from _number_lists(v, f"{path}[{i}]")
+
+
+def _is_number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
+
+
+def _forbidden_words(datalists: dict, site_configs: Path) -> list[str]:
+    words = [".nii", "imagesTr", "labelsTr", "datalist", str(site_configs), "fssl_site.json"]
+    for path in datalists.values():
+        folder = Path(path).parent
+        words.append(str(folder))
+        for items in json.loads(Path(path).read_text()).values():
+            for item in items if isinstance(items, list) else []:
+                for v in item.values() if isinstance(item, dict) else []:
+                    if isinstance(v, str):
+                        words.append(Path(v).name.split(".")[0])  # the case's file name without extensions
+    return sorted(set(words))
+
+
+@pytest.fixture(scope="module")
+def captured(tmp_path_factory, synthetic_sites):
+    tmp_path = tmp_path_factory.mktemp("privacy")
+    capture_file = tmp_path / "captured.jsonl"
+    config = json.loads(json.dumps(TINY_3D))
+    job = customize_job("fssl_covid_seg", tmp_path / "jobs", rounds=2, config=config, job_name="privacy_capture")
+    (job / "app" / "custom" / "capture_filter.py").write_text(CAPTURE)
+    server_file = job / "app" / "config" / "config_fed_server.json"
+    server = json.loads(server_file.read_text())
+    server["task_result_filters"] = [{"tasks": ["train", "submit_model", "validate"], "filters": [
+        {"path": "capture_filter.CaptureResults", "args": {"path": str(capture_file)}}]}]
+    server["components"].append({"id": "capture_events", "path": "capture_filter.CaptureEvents",
+                                 "args": {"path": str(capture_file)}})
+    server_file.write_text(json.dumps(server, indent=1))
+
+    site_configs = _site_configs(tmp_path / "site_configs", synthetic_sites)
+    env = flare_env(tmp_path, FSSL_SITE_CONFIGS=str(site_configs))
+    proc = run_simulator(job, tmp_path / "ws", SITES, env)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    records = [json.loads(line) for line in capture_file.read_text().splitlines()]
+    return {"records": records, "config": config, "forbidden": _forbidden_words(synthetic_sites, site_configs),
+            "run": tmp_path / "ws" / "server" / "simulate_job"}
+
+
+def _results(captured, task):
+    return [r for r in captured["records"] if r["what"] == "task_result" and r["task"] == task]
+
+
+def _dxo(record):
+    return record["shareable"]["DXO"]
+
+
+def test_every_task_result_was_captured(captured):
+    assert len(_results(captured, "train")) == 2 * len(SITES)  # 2 rounds
+    assert len(_results(captured, "submit_model")) == len(SITES)
+    # every site scores every site's model and the two global models
+    assert len(_results(captured, "validate")) == len(SITES) * (len(SITES) + 2)
+    assert {r["site"] for r in captured["records"] if r["what"] == "task_result"} == set(SITES)
+    assert all(r["peer_ctx"] and r["peer_ctx"].get("__identity_name__", r["site"]) == r["site"]
+               for r in captured["records"] if r["what"] == "task_result")
+
+
+@pytest.mark.parametrize("task", ["train", "submit_model"])
+def test_model_results_hold_exactly_the_networks_parameters(captured, task):
+    state = build_network(**captured["config"]["network"]).state_dict()
+    want = {k: list(v.shape) for k, v in state.items()}
+    for record in _results(captured, task):
+        dxo = _dxo(record)
+        assert dxo["kind"] == DataKind.WEIGHTS
+        assert set(dxo["data"]) == set(want), record["site"]
+        for k, v in dxo["data"].items():
+            assert set(v) == {"__array__", "dtype"}, (k, v)  # an array, nothing else
+            assert v["__array__"] == want[k], k
+            assert np.issubdtype(np.dtype(v["dtype"]), np.number), (k, v["dtype"])
+        meta = dxo["meta"]
+        if task == "submit_model":
+            assert meta == {}
+            continue
+        assert set(meta) <= {MetaKey.NUM_STEPS_CURRENT_ROUND, MetaKey.INITIAL_METRICS}, meta
+        assert _is_number(meta[MetaKey.NUM_STEPS_CURRENT_ROUND])
+        if MetaKey.INITIAL_METRICS in meta:
+            metrics = meta[MetaKey.INITIAL_METRICS]
+            assert set(metrics) == {"val_dice"} and _is_number(metrics["val_dice"])
+    # the unlabeled-only site has no validation labels: it sends no metric rather than a fake one
+    assert all(MetaKey.INITIAL_METRICS not in _dxo(r)["meta"] for r in _results(captured, "train")
+               if r["site"] == "japan")
+
+
+def test_validation_results_hold_one_aggregate_number(captured):
+    for record in _results(captured, "validate"):
+        dxo = _dxo(record)
+        assert dxo["kind"] == DataKind.METRICS
+        assert dxo["data"] in ({},) or (set(dxo["data"]) == {"val_dice"} and _is_number(dxo["data"]["val_dice"]))
+        assert dxo["meta"] == {}
+    assert any(_dxo(r)["data"] for r in _results(captured, "validate"))
+
+
+def test_streamed_training_curves_are_aggregate_scalars(captured):
+    events = [r for r in captured["records"] if r["what"] == "event"]
+    assert events, "the sites stream training curves (TBWriter -> fed.analytix_log_stats)"
+    tags = {"train/loss", "train/sup_loss", "train/unsup_loss", "train/confident_fraction",
+            "val/dice_global_model", "val/dice_local_model"}
+    for e in events:
+        assert e["data"]["__headers__"]["_origin"] in SITES
+        dxo = e["data"]["DXO"]
+        assert dxo["kind"] == "ANALYTIC", dxo["kind"]
+        data = dxo["data"]  # one scalar of one curve at one round
+        assert set(data) <= {"track_key", "track_value", "global_step", "analytics_kwargs"}, data
+        assert data["track_key"] in tags and _is_number(data["track_value"]) and _is_number(data["global_step"])
+        assert data.get("analytics_kwargs", {}) in ({}, {"global_step": data["global_step"]})
+
+
+def test_nothing_sent_names_the_data_or_lists_per_case_values(captured):
+    forbidden = captured["forbidden"]
+    assert any(".nii" == w for w in forbidden) and len(forbidden) > 10  # the case file names are in the list
+    for record in captured["records"]:
+        for s in _strings(record):
+            hits = [w for w in forbidden if w in s]
+            assert not hits, (record.get("task") or record.get("event"), record.get("site"), hits, s[:300])
+        assert not list(_number_lists(record)), list(_number_lists(record))[:3]
+
+
+# ---------------------------------------------------------------------- FLARE's privacy filters (docs/privacy.md)
+DOC = ROOT / "docs" / "privacy.md"
+
+
+def _doc_snippets():
+    """The JSON ``task_result_filters`` snippets of docs/privacy.md."""
+    blocks = re.findall(r"```json\n(.*?)```", DOC.read_text(), flags=re.S)
+    snippets = [json.loads(b) for b in blocks]
+    return [s for s in snippets if "task_result_filters" in s]
+
+
+def _build(spec):
+    module, _, name = spec["path"].rpartition(".")
+    return getattr(importlib.import_module(module), name)(**spec.get("args", {}))
+
+
+def test_doc_snippets_are_valid_filter_configs_and_show_what_they_do_to_full_weights():
+    snippets = _doc_snippets()
+    built = {}
+    for snippet in snippets:
+        for chain in snippet["task_result_filters"]:
+            assert chain["tasks"] and set(chain["tasks"]) <= {"train", "submit_model", "validate"}
+            for spec in chain["filters"]:
+                built[spec["path"].rpartition(".")[2]] = _build(spec)
+    assert set(built) == {"PercentilePrivacy", "SVTPrivacy", "ExcludeVars"}
+
+    # what each filter does to the FULL weights this project's sites send (the behaviour the doc describes)
+    state = {k: v.numpy() for k, v in build_network(**TINY_3D["network"]).state_dict().items()}
+    ctx = FLContext()
+
+    def filtered(f, sample_weight=12.0):
+        data = {k: v.copy() for k, v in state.items()}
+        dxo = DXO(DataKind.WEIGHTS, data, meta={MetaKey.NUM_STEPS_CURRENT_ROUND: sample_weight})
+        return f.process_dxo(dxo, dxo.to_shareable(), ctx).data
+
+    def zero_fraction(weights):
+        return sum(int((v == 0).sum()) for v in weights.values()) / sum(v.size for v in weights.values())
+
+    # PercentilePrivacy treats the weights as a weight *difference*: the smallest `percentile` % of the entries are
+    # zeroed, the others clipped to +-gamma x NUM_STEPS_CURRENT_ROUND (this project's sample weight), and a
+    # sample weight of 0 (unlabeled-only site in the warm-up) turns the whole model into zeros.
+    pct = built["PercentilePrivacy"]
+    out = filtered(pct)
+    assert max(np.abs(v).max() for v in state.values()) > pct.gamma * 12.0
+    assert max(np.abs(v).max() for v in out.values()) <= pct.gamma * 12.0 + 1e-6
+    assert zero_fraction(out) >= 0.9 * pct.percentile / 100
+    with np.errstate(divide="ignore", invalid="ignore"):
+        assert zero_fraction(filtered(pct, sample_weight=0.0)) == 1.0
+
+    # SVTPrivacy keeps a noisy `fraction` of the entries and zeros all the others
+    svt = built["SVTPrivacy"]
+    assert zero_fraction(filtered(svt)) > 1 - 1.5 * svt.fraction
+
+    # ExcludeVars removes parameters: the update no longer has the global model's names (the guard rejects it)
+    out = filtered(built["ExcludeVars"])
+    assert set(out) < set(state) and all(k.endswith("adn.A.weight") for k in set(state) - set(out))
