@@ -128,6 +128,8 @@ class Poc:
             if line != last:
                 print(line, flush=True)
                 last = line
+                for site_line in _site_metrics(self.kits, job_id):
+                    print(site_line, flush=True)
             if status.startswith("FINISHED") or status in ("FAILED", "ABORTED"):
                 return status
             time.sleep(5)
@@ -154,6 +156,26 @@ def _progress(kits: Path, job_id: str) -> str:
         elif "cross site validation" in line.lower() or "cross_site_model_eval" in line.lower():
             rnd = "cross-site evaluation"
     return "" if rnd is None else (f", {rnd}" if not rnd.isdigit() else f", round {int(rnd) + 1}")
+
+
+def _site_metrics(kits: Path, job_id: str) -> list[str]:
+    """Each site's latest aggregate metrics, as streamed to the server (FLARE analytics -> TensorBoard events)."""
+    from fssl_covid.report import read_tb_scalars
+
+    try:
+        scalars = read_tb_scalars(kits / "server" / job_id / "tb_events")
+    except Exception:  # events being written: try again at the next poll
+        return []
+    lines = []
+    for site, tags in sorted(scalars.items()):
+        loss = tags.get("train/loss", [])
+        if not loss:
+            continue
+        step, value = loss[-1]
+        dice = dict(tags.get("val/dice_global_model", [])).get(step)
+        dice_text = f", Dice of the received global model {dice:.3f}" if dice is not None else ""
+        lines.append(f"      {site}: reported round {step + 1}: loss {value:.3f}{dice_text}")
+    return lines
 
 
 def _last_json(text: str) -> dict:

@@ -97,3 +97,24 @@ def test_predict_2d_slices_keeps_singleton_axis(tmp_path, tiny_2d):
     for case, path in zip(dl["training"], written):
         src, dst = nib.load(case["image"]), nib.load(path)
         assert dst.shape == src.shape and src.shape[-1] == 1 and np.allclose(dst.affine, src.affine)
+
+
+def test_site_config_command_writes_settings_and_refuses_bad_values(tmp_path, synthetic_sites):
+    kit = tmp_path / "kit"
+    (kit / "startup").mkdir(parents=True)
+    assert fssl(["site-config", "--kit", str(kit), "--datalist", synthetic_sites["china"], "--num-threads", "1"]) == 0
+    written = json.loads((kit / "local" / "fssl_site.json").read_text())
+    assert written["datalist"] == synthetic_sites["china"] and written["num_threads"] == 1
+    # refusals: missing datalist, non-existent datalist, not a kit, contradictory --from and options
+    assert fssl(["site-config", "--kit", str(kit)]) == 2
+    assert fssl(["site-config", "--kit", str(kit), "--datalist", str(tmp_path / "none.json")]) == 2
+    assert fssl(["site-config", "--kit", str(tmp_path / "nokit"), "--datalist", synthetic_sites["china"]]) == 2
+    src = tmp_path / "site_configs" / "china"
+    (src / "local").mkdir(parents=True)
+    (src / "local" / "fssl_site.json").write_text(json.dumps({"datalist": synthetic_sites["china"], "device": "cpu"}))
+    assert fssl(["site-config", "--kit", str(kit), "--from", str(src), "--device", "cuda"]) == 2
+    assert fssl(["site-config", "--kit", str(kit), "--from", str(src)]) == 0
+    assert json.loads((kit / "local" / "fssl_site.json").read_text())["device"] == "cpu"
+    # a refused command leaves the previous good settings in place
+    assert fssl(["site-config", "--kit", str(kit), "--datalist", str(tmp_path / "none.json")]) == 2
+    assert json.loads((kit / "local" / "fssl_site.json").read_text())["device"] == "cpu"
