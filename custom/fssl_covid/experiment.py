@@ -72,10 +72,10 @@ def study_synthetic3d(out: Path, quick: bool, mosmed: str | None = None) -> Stud
     paths = make_federation(data, seed=0, mosmed_dir=mosmed)
     cfg = resolve_config(_preset("synthetic3d"))
     if quick:
-        cfg["network"]["channels"] = [4, 8, 16]
+        cfg["network"]["channels"] = [8, 16, 32]
         cfg["network"]["strides"] = [2, 2]
         cfg["data"]["patch_size"] = [32, 32, 16]
-        cfg["train"].update({"epochs": 4, "iterations_per_epoch": 6})
+        cfg["train"].update({"epochs": 6, "iterations_per_epoch": 10})
         cfg["ssl"].update({"warmup_epochs": 1, "rampup_epochs": 1})
     sites = {s: load_datalist(p) for s, p in paths.items()}
     return Study("synthetic3d", cfg, sites, "test", list(ALL_METHODS),

@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -68,10 +69,19 @@ def write_site_configs(root: Path, settings: dict[str, dict]) -> Path:
     return Path(root)
 
 
+def _temp_dir(work: Path) -> str:
+    """``work/tmp``, unless that path is too long for the Unix sockets FLARE's processes create in it (about 107
+    bytes with multiprocessing's ``pymp-*/listener-*`` names): then a fresh short folder in the system temp dir."""
+    candidate = Path(work).resolve() / "tmp"
+    if len(str(candidate)) <= 60:
+        return str(candidate)
+    return tempfile.mkdtemp(prefix="fssl-")
+
+
 def flare_env(work: Path, **extra: str) -> dict:
     """Environment for FLARE commands: its state under ``work``, this interpreter's bin first on PATH."""
     env = dict(os.environ)
-    env.update({"HOME": str(Path(work) / "home"), "TMPDIR": str(Path(work) / "tmp"),
+    env.update({"HOME": str(Path(work) / "home"), "TMPDIR": _temp_dir(work),
                 "PATH": str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", ""),
                 "PYTHONPATH": str(REPO / "custom")})
     env.update(extra)
