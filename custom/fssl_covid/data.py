@@ -17,9 +17,8 @@ import json
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
-import numpy as np
 import torch
-from monai.data import CacheDataset, DataLoader, Dataset, list_data_collate
+from monai.data import CacheDataset, DataLoader, list_data_collate
 from monai.transforms import (
     Compose,
     EnsureChannelFirstd,
@@ -187,11 +186,6 @@ def evaluation_dataset(cfg: Mapping, cases: Sequence[dict], with_label: bool = T
                         cache_rate=cfg["data"]["cache_rate"], num_workers=0, progress=False)
 
 
-def inference_dataset(cfg: Mapping, images: Sequence[str]) -> Dataset:
-    """Images to segment (no caching: each is read once)."""
-    return Dataset([{"image": str(p)} for p in images], transform=Compose(preprocessing(cfg, ("image",), pad=False)))
-
-
 def infinite_batches(dataset, batch_size: int, seed: int) -> Iterator[dict]:
     """Shuffled batches forever, reshuffled each pass (seeded); loader built once and reused."""
     generator = torch.Generator().manual_seed(seed)
@@ -203,7 +197,3 @@ def infinite_batches(dataset, batch_size: int, seed: int) -> Iterator[dict]:
 
 def evaluation_loader(dataset, batch_size: int = 1) -> DataLoader:
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0, collate_fn=list_data_collate)
-
-
-def to_numpy_mask(x: torch.Tensor) -> np.ndarray:
-    return x.detach().cpu().numpy().astype(np.uint8)

@@ -8,7 +8,7 @@ NIfTI has the same shape and affine as the input file and the same file name, in
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Iterable
 
 import nibabel as nib
 import numpy as np
@@ -79,13 +79,3 @@ def dice_at(prob, target, threshold: float = 0.5) -> float:
     t = np.asarray(target) > 0.5
     denom = p.sum() + t.sum()
     return 1.0 if denom == 0 else float(2.0 * (p & t).sum() / denom)
-
-
-def evaluate_probabilities(pairs: Iterable[tuple[np.ndarray, np.ndarray]]) -> Mapping[str, float]:
-    """Mean over images of Dice at 0.5 and of threshold-averaged Dice."""
-    d05, dmean = [], []
-    for prob, target in pairs:
-        d05.append(dice_at(prob, target))
-        dmean.append(threshold_averaged_dice(prob, target))
-    return {"dice@0.5": float(np.mean(d05)) if d05 else float("nan"),
-            "mean_dice_256": float(np.mean(dmean)) if dmean else float("nan"), "n": len(d05)}

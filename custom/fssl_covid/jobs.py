@@ -56,11 +56,6 @@ def customize_job(name: str, dst: Path, rounds: int | None = None, config: dict 
     return job
 
 
-def job_training_config(job: Path) -> dict:
-    client = json.loads((Path(job) / "app" / "config" / "config_fed_client.json").read_text())
-    return client["executors"][0]["executor"]["args"]["config"]
-
-
 def write_site_configs(root: Path, settings: dict[str, dict]) -> Path:
     """A folder laid out like ``site_configs/`` (``<site>/local/fssl_site.json``), for ``FSSL_SITE_CONFIGS``."""
     for site, s in settings.items():

@@ -55,7 +55,3 @@ def build_network(
             dropout_prob=dropout or None,
         )
     raise ValueError(f"unknown network '{name}' (use 'unet' or 'segresnet')")
-
-
-def count_parameters(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
