@@ -1,7 +1,6 @@
 """The FLARE Executor driven without a FLARE runtime: real FLContext, Workspace, Shareable, DXO and Signal."""
 
 import json
-import shutil
 
 import numpy as np
 import pytest

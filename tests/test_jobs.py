@@ -3,7 +3,6 @@
 import importlib
 import json
 import os
-from pathlib import Path
 
 import pytest
 
