@@ -19,7 +19,7 @@ def test_fssl_job_in_poc_learns_and_delivers_results(tmp_path, synthetic_sites):
     client = json.loads((ROOT / "jobs/fssl_covid_seg/app/config/config_fed_client.json").read_text())
     config = client["executors"][0]["executor"]["args"]["config"]
     job = small_job("fssl_covid_seg", tmp_path / "jobs", rounds=4,
-                    config={"train": {"iterations_per_epoch": 12}, "ssl": {"warmup_epochs": 2, "rampup_epochs": 1}})
+                    config={"train": {"iterations_per_epoch": 20}, "ssl": {"warmup_epochs": 2, "rampup_epochs": 1}})
     data_dir = str(Path(synthetic_sites["china"]).parents[1])  # <data>/<site>/datalist.json
     work = tmp_path / "work"
     proc = subprocess.run([sys.executable, str(ROOT / "poc" / "run_demo.py"), "--job", str(job), "--data", data_dir,
@@ -40,5 +40,5 @@ def test_fssl_job_in_poc_learns_and_delivers_results(tmp_path, synthetic_sites):
     assert set(results) == {"china", "italy", "japan"}
     # learning happened: the global model beats the empty-mask baseline (Dice 0) clearly at every site with labels
     for site in ("china", "italy"):
-        assert results[site]["SRV_FL_global_model.pt"] > 0.15, results
+        assert results[site]["SRV_FL_global_model.pt"] > 0.25, results
     assert "| global (final) |" in out  # the table was printed

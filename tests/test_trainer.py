@@ -37,6 +37,26 @@ def test_site_without_labels_trains_on_the_unsupervised_term_only(synthetic_site
     assert any(not torch.equal(w0[k], res.weights[k]) for k in w0 if w0[k].dtype.is_floating_point)
 
 
+def _update_norm(before: dict, after: dict) -> float:
+    return sum(float((after[k].float() - before[k].float()).pow(2).sum()) for k in before) ** 0.5
+
+
+@pytest.mark.parametrize("site", ["japan", "china"])
+def test_unlabeled_only_lr_scale_shrinks_only_the_unlabeled_only_sites_step(synthetic_sites, tiny_3d, site):
+    """Adam's step does not shrink with the loss, so the unlabeled-only site's step is scaled by the lr instead."""
+    dl = load_datalist(synthetic_sites[site])
+    norms = {}
+    for scale in (1.0, 0.1, 0.0):
+        tiny_3d["ssl"]["unlabeled_only_lr_scale"] = scale
+        tr = SegmentationTrainer(tiny_3d, dl)  # same seed: same initial weights, same batches
+        w0 = tr.get_weights()
+        norms[scale] = _update_norm(w0, tr.run_round(None, round_index=3, total_rounds=4).weights)
+    if site == "japan":
+        assert norms[0.0] == 0.0 and 0.0 < norms[0.1] < 0.5 * norms[1.0], norms
+    else:  # a site with labels trains at the configured learning rate whatever the scale
+        assert norms[0.0] == norms[0.1] == norms[1.0] > 0.0, norms
+
+
 def test_ema_teacher_and_abort(synthetic_sites, tiny_3d):
     tiny_3d["ssl"]["teacher"] = "ema"
     tr = SegmentationTrainer(tiny_3d, load_datalist(synthetic_sites["italy"]))

@@ -72,6 +72,12 @@ DEFAULTS: dict[str, Any] = {
         "unsup_weight": 1.0,
         "warmup_epochs": 1,
         "rampup_epochs": 4,
+        # Learning-rate factor for a site with no labeled data (it trains on the unsupervised term alone).
+        # Adam's step does not shrink with the loss, so lambda cannot make such a site's update small; this does.
+        # Measured on the synthetic federation (tiny 3D UNet, 4 rounds of 20 iterations, 4 seeds): 1.0 let the unlabeled-only site
+        # pull the global model down (one round from a model at Dice 0.565: 0.287); 0.1 kept it (0.562) and
+        # raised the final global Dice at the labeled sites from 0.54 to 0.57 on average.
+        "unlabeled_only_lr_scale": 0.1,
         # The weak view is intensity-only, so the teacher's output stays on the image grid.
         "weak": {"noise_std": 0.0, "intensity_scale": 0.0, "intensity_shift": 0.0},
         "strong": {"noise_std": 0.05, "intensity_scale": 0.15, "intensity_shift": 0.1,
@@ -167,6 +173,8 @@ def _check(cfg: dict) -> None:
         raise ConfigError(f"ssl.teacher must be 'global' or 'ema', got '{ssl['teacher']}'")
     if ssl["unsup_loss"] not in ("ce", "dice_ce", "mse"):
         raise ConfigError(f"ssl.unsup_loss must be 'ce', 'dice_ce' or 'mse', got '{ssl['unsup_loss']}'")
+    if not 0.0 <= ssl["unlabeled_only_lr_scale"] <= 1.0:
+        raise ConfigError(f"ssl.unlabeled_only_lr_scale must be in [0, 1], got {ssl['unlabeled_only_lr_scale']}")
     if not 0.0 <= ssl["confidence_threshold"] < 1.0:
         raise ConfigError(f"ssl.confidence_threshold must be in [0, 1), got {ssl['confidence_threshold']}")
     if train["optimizer"] not in ("adamw", "sgd"):

@@ -228,12 +228,13 @@ class SegmentationTrainer:
             if self._labeled_batches is None and lam == 0.0:
                 continue  # unlabeled-only site during warm-up: nothing to learn from yet
             teacher = self._teacher(received) if lam > 0 else None
+            lr_scale = self.cfg["ssl"]["unlabeled_only_lr_scale"] if self._labeled_batches is None else 1.0
             for i in range(iters):
                 if abort():
                     stats["aborted"] = True
                     return self._summarize(stats, sums, unsup_steps)
                 for group in self.optimizer.param_groups:
-                    group["lr"] = self._lr_at(epoch + i / iters, total_epochs)
+                    group["lr"] = lr_scale * self._lr_at(epoch + i / iters, total_epochs)
                 loss = torch.zeros((), device=self.device)
                 if self._labeled_batches is not None:
                     batch = next(self._labeled_batches)
