@@ -10,7 +10,7 @@ venv: $(STAMP)
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip setuptools
+	$(BIN)/pip install -q --upgrade pip setuptools==84.2.1
 	$(BIN)/pip install -q -r requirements.txt
 	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
@@ -23,6 +23,9 @@ test: venv  ## the whole test suite (what CI runs)
 
 test-fast: venv  ## unit tests only, no FLARE processes
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+bench: venv  ## benchmark suite: ratios against baselines run side by side (BENCH_ARGS="--quick" for minutes)
+	$(BIN)/python bench/suite.py $(BENCH_ARGS)
 
 clean:
 	rm -rf .work build *.egg-info custom/*.egg-info

@@ -57,6 +57,7 @@ class Poc:
             Path(self.env[key]).mkdir(parents=True, exist_ok=True)
         self.nvflare = shutil.which("nvflare", path=self.env["PATH"]) or "nvflare"
         self.started = False
+        self._session = None
 
     @property
     def kits(self) -> Path:
@@ -85,7 +86,37 @@ class Poc:
         self.started = True
         self.run("poc", "start", timeout=300)
 
+    def job_meta(self, job_id: str) -> dict:
+        """The job's meta data through one admin API session kept open (each ``nvflare job meta`` would be a new
+        Python process taking a CPU second from the sites); the CLI when the session cannot be opened."""
+        if self._session is None:
+            try:
+                from nvflare.fuel.flare_api.flare_api import new_secure_session
+
+                self._session = new_secure_session("admin@nvidia.com", str(self.kits / "admin@nvidia.com"),
+                                                   timeout=30)
+            except Exception as e:  # noqa: BLE001 - the CLI below works without it
+                if self.verbose:
+                    print(f"admin API session unavailable ({type(e).__name__}: {e}); using the CLI")
+                self._session = False
+        if self._session:
+            try:
+                return self._session.get_job_meta(job_id) or {}
+            except Exception:  # noqa: BLE001 - e.g. the server restarting: ask the CLI this time
+                pass
+        meta = self.run("job", "meta", job_id, json_out=True, check=False, timeout=60, quiet=True)
+        return meta.get("data", {}) if isinstance(meta, dict) else {}
+
+    def close_session(self) -> None:
+        if self._session:
+            try:
+                self._session.close()
+            except Exception:  # noqa: BLE001 - closing a session to a stopped server
+                pass
+        self._session = None
+
     def stop_and_clean(self) -> None:
+        self.close_session()
         if not self.started:
             return
         self.run("poc", "stop", check=False, timeout=120)
@@ -116,13 +147,12 @@ class Poc:
             raise DemoError(f"submitting {job_dir} returned no job id: {reply}")
         return job_id
 
-    def follow(self, job_id: str, timeout: float) -> str:
+    def follow(self, job_id: str, timeout: float, poll: float = 5.0) -> str:
         """Poll the job until it is done, printing status and round progress; returns the final status."""
-        deadline, last = time.time() + timeout, None
-        print(f"$ nvflare job meta {job_id}   (every 5 s)")
+        deadline, last, waited_hint = time.time() + timeout, None, False
+        print(f"following job {job_id} (its meta data every {poll:g} s, as `nvflare job meta {job_id}` shows it)")
         while time.time() < deadline:
-            meta = self.run("job", "meta", job_id, json_out=True, check=False, timeout=60, quiet=True)
-            data = meta.get("data", {}) if isinstance(meta, dict) else {}
+            data = self.job_meta(job_id)
             status = str(data.get("status", "?"))
             line = f"  job {job_id[:8]} {status}{_progress(self.kits, job_id)}"
             if line != last:
@@ -132,7 +162,12 @@ class Poc:
                     print(site_line, flush=True)
             if status.startswith("FINISHED") or status in ("FAILED", "ABORTED"):
                 return status
-            time.sleep(5)
+            if status == "SUBMITTED" and not waited_hint and time.time() > deadline - timeout + 60:
+                waited_hint = True
+                print(f"  still SUBMITTED after 60 s: the server's log ({self.kits / 'server' / 'log.txt'}) says why "
+                      f"(\"Try to schedule job\": e.g. fewer connected sites than the job's min_clients, or a "
+                      f"resource_spec no site meets)", flush=True)
+            time.sleep(poll)
         raise DemoError(f"job {job_id} did not finish within {timeout:.0f} s")
 
     def download(self, job_id: str, out: Path) -> Path:

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from jobtools import JOBS, ROOT
+from jobtools import JOBS, ROOT, customize_job
 from fssl_covid.config import resolve_config
 
 JOB_DIRS = sorted(p.parent for p in JOBS.glob("*/meta.json"))
@@ -86,3 +86,14 @@ def test_baseline_differs_from_fssl_only_in_the_unlabeled_data():
     sa, sb = (json.loads((JOBS / j / "app/config/config_fed_server.json").read_text())
               for j in ("fssl_covid_seg", "fedavg_supervised"))
     assert sa["num_rounds"] == sb["num_rounds"]
+
+
+def test_customized_job_sets_rounds_and_min_clients_where_flare_reads_them(tmp_path):
+    job = customize_job("fssl_covid_seg", tmp_path, rounds=3, min_clients=1, config={"train": {"lr": 0.002}})
+    server = json.loads((job / "app/config/config_fed_server.json").read_text())
+    client = json.loads((job / "app/config/config_fed_client.json").read_text())
+    meta = json.loads((job / "meta.json").read_text())
+    assert server["num_rounds"] == 3 and server["min_clients"] == 1
+    assert meta["min_clients"] == 1  # the job scheduler's check: a larger value leaves the job SUBMITTED forever
+    assert client["executors"][0]["executor"]["args"]["config"]["train"]["lr"] == 0.002
+    assert not any(p.is_symlink() for p in job.rglob("*"))  # a self-contained copy, code included

@@ -7,6 +7,7 @@ import torch
 
 from conftest import TINY_3D
 from jobtools import flare_env, run_simulator, small_job
+from fssl_covid.cli import main as fssl
 from fssl_covid.networks import build_network
 
 SITES = ["china", "italy", "japan"]
@@ -52,3 +53,40 @@ def test_job_runs_in_the_simulator(tmp_path, synthetic_sites, job_name):
         assert "unsup 0.0000" in log and "aggregation weight 0" in log
         assert not [line for line in log.splitlines() if "round " in line and "unsup 0." in line
                     and "unsup 0.0000" not in line]
+
+
+def test_warm_start_continues_from_an_earlier_global_model(tmp_path, synthetic_sites):
+    """Job B, written with ``fssl job --init-model``, starts from job A's FL_global_model.pt instead of a fresh
+    network: with a zero learning rate its global model is A's, and its sites score A's model in round 1."""
+    config = json.loads(json.dumps(TINY_3D))
+    env = flare_env(tmp_path, FSSL_SITE_CONFIGS=str(_site_configs(tmp_path / "site_configs", synthetic_sites)))
+    job_a = small_job("fssl_covid_seg", tmp_path / "jobs", rounds=1, config=config)
+    proc = run_simulator(job_a, tmp_path / "ws_a", SITES, env)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    model_a = tmp_path / "ws_a" / "server" / "simulate_job" / "app_server" / "FL_global_model.pt"
+    state_a = torch.load(model_a, weights_only=True)["model"]
+
+    settings = [f"{section}.{key}={json.dumps(value)}" for section, values in config.items()
+                for key, value in values.items()]
+    settings += ["train.lr=0.0", "train.min_lr=0.0"]  # B trains but cannot move: its result must be A's model
+    assert fssl(["job", "fssl_covid_seg", "--out", str(tmp_path / "jobs_b"), "--rounds", "1",
+                 "--init-model", str(model_a), *[a for s in settings for a in ("--set", s)]]) == 0
+    proc = run_simulator(tmp_path / "jobs_b" / "fssl_covid_seg", tmp_path / "ws_b", SITES, env)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-3000:]
+    assert "Loading checkpoint from" in log and "initial_global_model.pt" in log
+    state_b = torch.load(tmp_path / "ws_b" / "server" / "simulate_job" / "app_server" / "FL_global_model.pt",
+                         weights_only=True)["model"]
+    fresh = build_network(**config["network"]).state_dict()
+    floats = [k for k in state_a if state_a[k].dtype.is_floating_point]
+    assert all(torch.allclose(state_b[k], state_a[k], atol=1e-6) for k in floats)
+    assert not all(torch.allclose(fresh[k], state_a[k], atol=1e-3) for k in floats)
+
+
+def test_warm_start_refuses_a_checkpoint_that_does_not_fit(tmp_path):
+    bad = tmp_path / "other_network.pt"
+    torch.save({"model": build_network(name="unet", spatial_dims=3, channels=[4, 8], strides=[2]).state_dict()}, bad)
+    assert fssl(["job", "fssl_covid_seg", "--out", str(tmp_path / "jobs"), "--init-model", str(bad)]) == 2
+    assert not (tmp_path / "jobs" / "fssl_covid_seg").exists()  # nothing half-written to submit by mistake
+    assert fssl(["job", "fssl_covid_seg", "--out", str(tmp_path / "jobs"),
+                 "--init-model", str(tmp_path / "missing.pt")]) == 2

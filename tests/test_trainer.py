@@ -138,3 +138,13 @@ def test_site_config_command_writes_settings_and_refuses_bad_values(tmp_path, sy
     # a refused command leaves the previous good settings in place
     assert fssl(["site-config", "--kit", str(kit), "--datalist", str(tmp_path / "none.json")]) == 2
     assert json.loads((kit / "local" / "fssl_site.json").read_text())["device"] == "cpu"
+
+
+def test_loader_workers_give_the_same_kind_of_batches(synthetic_sites, tiny_3d):
+    """data.num_workers > 0 (the GPU default) feeds the same loop: patch batches of the configured shape."""
+    tiny_3d["data"]["num_workers"] = 2
+    tr = SegmentationTrainer(tiny_3d, load_datalist(synthetic_sites["china"]))
+    batch = next(tr._labeled_batches)
+    assert tuple(batch["image"].shape) == (2 * 2, 1, 32, 32, 16) and batch["label"].shape == batch["image"].shape
+    res = tr.run_round(None, round_index=0, total_rounds=1)
+    assert res.labeled_samples_seen == 3 * 2 * 2 and res.metrics_after is not None

@@ -7,6 +7,7 @@
     fssl site-config  write a site's settings (data location, device) into its FLARE startup kit
     fssl validate-data  check a site's datalist and every file in it; lists every problem at once
     fssl report    figures and tables of a finished FLARE job (markdown + self-contained HTML)
+    fssl job       a submittable copy of a job in jobs/ with other rounds, settings or a warm-start model
 """
 
 from __future__ import annotations
@@ -217,6 +218,34 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_job(args) -> int:
+    from .jobs import customize_job
+
+    config = {}
+    for item in args.set or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set {item!r}: expected SECTION.KEY=VALUE, e.g. train.lr=0.003")
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            parsed = value
+        node = config
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = parsed
+    if config:
+        from .config import resolve_config
+
+        resolve_config(config)  # unknown keys and bad values fail here, not at the sites
+    job = customize_job(args.name, Path(args.out), rounds=args.rounds, config=config, min_clients=args.min_clients,
+                        job_name=args.job_name, init_model=args.init_model)
+    print(f"job written: {job}")
+    print(f"submit it with: nvflare job submit -j {job}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fssl", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -310,6 +339,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-hu", action="store_true",
                    help="images are display intensities (e.g. 0..255), not Hounsfield units")
     p.set_defaults(func=cmd_validate_data)
+
+    p = sub.add_parser("job", help="a submittable copy of a job with other rounds, settings or a warm start",
+                       description="Copy jobs/NAME (code included, no links) to OUT/NAME, optionally with another "
+                                   "number of rounds, minimum number of sites, training settings, or a warm start "
+                                   "from an earlier job's global model (the checkpoint travels inside the job; its "
+                                   "shapes are checked against the job's network first).")
+    p.add_argument("name", help="a job folder in jobs/ (fssl_covid_seg, fedavg_supervised)")
+    p.add_argument("--out", required=True, help="folder to write the job into")
+    p.add_argument("--job-name", default=None, help="name of the written job (default NAME)")
+    p.add_argument("--rounds", type=int, default=None)
+    p.add_argument("--min-clients", type=int, default=None)
+    p.add_argument("--init-model", default=None, metavar="CHECKPOINT",
+                   help="warm start: e.g. <downloaded job>/workspace/app_server/FL_global_model.pt")
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                   help="training setting for the sites, JSON value (e.g. ssl.warmup_epochs=0); repeatable")
+    p.set_defaults(func=cmd_job)
 
     p = sub.add_parser("report", help="figures and tables of a finished FLARE job (markdown + self-contained HTML)",
                        description="Read a downloaded (nvflare job download) or simulated job folder and write "

@@ -30,6 +30,9 @@ DEFAULTS: dict[str, Any] = {
         "samples_per_image": 2,
         # Deterministic preprocessing is cached in memory once per site (the data does not change between rounds).
         "cache_rate": 1.0,
+        # Training loader worker processes for the random patch sampling; -1 = auto: 0 on CPU (workers would take
+        # cores from the training itself), min(4, cores // 2) with CUDA, where they run beside the GPU.
+        "num_workers": -1,
     },
     "network": {
         # "unet" (monai.networks.nets.UNet) or "segresnet" (monai.networks.nets.SegResNet).
@@ -181,6 +184,8 @@ def _check(cfg: dict) -> None:
         raise ConfigError(f"train.optimizer must be 'adamw' or 'sgd', got '{train['optimizer']}'")
     if train["scheduler"] not in ("cosine", "constant"):
         raise ConfigError(f"train.scheduler must be 'cosine' or 'constant', got '{train['scheduler']}'")
+    if int(data["num_workers"]) < -1:
+        raise ConfigError(f"data.num_workers must be -1 (auto) or at least 0, got {data['num_workers']}")
     for key in ("batch_size", "unlabeled_batch_size", "iterations_per_epoch", "epochs"):
         if int(train[key]) < 1:
             raise ConfigError(f"train.{key} must be at least 1, got {train[key]}")

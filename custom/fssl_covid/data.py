@@ -14,6 +14,7 @@ Deterministic preprocessing is cached once (``CacheDataset``); random patch samp
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
@@ -186,13 +187,24 @@ def evaluation_dataset(cfg: Mapping, cases: Sequence[dict], with_label: bool = T
                         cache_rate=cfg["data"]["cache_rate"], num_workers=0, progress=False)
 
 
-def infinite_batches(dataset, batch_size: int, seed: int) -> Iterator[dict]:
-    """Shuffled batches forever, reshuffled each pass (seeded); loader built once and reused."""
+def infinite_batches(dataset, batch_size: int, seed: int, num_workers: int = 0,
+                     pin_memory: bool = False) -> Iterator[dict]:
+    """Shuffled batches forever, reshuffled each pass (seeded); loader (and its workers) built once and reused."""
     generator = torch.Generator().manual_seed(seed)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=len(dataset) >= batch_size,
-                        num_workers=0, collate_fn=list_data_collate, generator=generator)
+                        num_workers=num_workers, persistent_workers=num_workers > 0, pin_memory=pin_memory,
+                        collate_fn=list_data_collate, generator=generator)
     while True:
         yield from loader
+
+
+def loader_workers(requested: int, device: torch.device) -> int:
+    """``data.num_workers``: -1 picks 0 on CPU and min(4, cores // 2) with CUDA."""
+    if requested >= 0:
+        return requested
+    if device.type != "cuda":
+        return 0
+    return max(0, min(4, (os.cpu_count() or 1) // 2))
 
 
 def evaluation_loader(dataset, batch_size: int = 1) -> DataLoader:

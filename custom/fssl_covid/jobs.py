@@ -26,11 +26,26 @@ def deep_update(base: dict, override: dict) -> dict:
     return base
 
 
+INIT_MODEL = "initial_global_model.pt"  # the warm-start checkpoint's name inside a job's app/custom folder
+
+
 def customize_job(name: str, dst: Path, rounds: int | None = None, config: dict | None = None,
                   executor_args: dict | None = None, min_clients: int | None = None, job_name: str | None = None,
-                  source: Path = JOBS) -> Path:
+                  source: Path = JOBS, init_model: Path | None = None) -> Path:
     """Copy ``<source>/<name>`` to ``dst/<job_name or name>`` with ``config`` merged into the sites' training config
-    (the server's network follows the sites' so both build the same model) and other executor args replaced."""
+    (the server's network follows the sites' so both build the same model) and other executor args replaced.
+
+    ``init_model``: warm start.  A checkpoint of an earlier job (its ``FL_global_model.pt`` or
+    ``best_FL_global_model.pt``, or an ``fssl train`` checkpoint) is copied into the job's ``app/custom`` and
+    FLARE's ``PTFileModelPersistor`` starts from it (``source_ckpt_file_full_name``) instead of a fresh network.
+    Its keys and shapes are checked against the job's network here, before anything is submitted."""
+    source_client = Path(source) / name / "app" / "config" / "config_fed_client.json"
+    if init_model is not None:  # checked before anything is written: no half-made job to submit by mistake
+        init_model = Path(init_model)
+        if not init_model.is_file():
+            raise FileNotFoundError(f"warm-start checkpoint {init_model} does not exist")
+        sites_config = json.loads(source_client.read_text())["executors"][0]["executor"]["args"]["config"]
+        _check_fits(init_model, deep_update(sites_config, config or {}))
     job = Path(dst) / (job_name or name)
     if job.exists():
         shutil.rmtree(job)
@@ -43,6 +58,10 @@ def customize_job(name: str, dst: Path, rounds: int | None = None, config: dict 
     args.update(executor_args or {})
     persistor = next(c for c in server["components"] if c["id"] == "persistor")
     persistor["args"]["model"]["args"] = copy.deepcopy(args["config"]["network"])
+    if init_model is not None:
+        (job / "app" / "custom").mkdir(parents=True, exist_ok=True)
+        shutil.copy(init_model, job / "app" / "custom" / INIT_MODEL)
+        persistor["args"]["source_ckpt_file_full_name"] = INIT_MODEL  # relative: resolved in the app's custom/
     if rounds is not None:
         server["num_rounds"] = rounds
     if min_clients is not None:
@@ -50,10 +69,34 @@ def customize_job(name: str, dst: Path, rounds: int | None = None, config: dict 
     meta_file = job / "meta.json"
     meta = json.loads(meta_file.read_text())
     meta["name"] = job.name
+    if min_clients is not None:  # the job scheduler reads meta.json: a larger value there never schedules the job
+        meta["min_clients"] = min_clients
     meta_file.write_text(json.dumps(meta, indent=1))
     server_file.write_text(json.dumps(server, indent=1))
     client_file.write_text(json.dumps(client, indent=1))
     return job
+
+
+def _check_fits(checkpoint: Path, config: dict) -> None:
+    """Raise ValueError naming the checkpoint when its weights do not fit the job's network."""
+    import torch
+
+    from .networks import build_network
+    from .config import resolve_config
+
+    try:
+        ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"warm-start checkpoint {checkpoint} cannot be read: {e}") from e
+    state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict):
+        raise ValueError(f"warm-start checkpoint {checkpoint} holds no state dict")
+    expected = build_network(**resolve_config(config)["network"]).state_dict()
+    wrong = [k for k in expected if k not in state or tuple(state[k].shape) != tuple(expected[k].shape)]
+    extra = [k for k in state if k not in expected]
+    if wrong or extra:
+        raise ValueError(f"warm-start checkpoint {checkpoint} does not fit the job's network "
+                         f"(missing or other shape: {wrong[:3]}, unexpected: {extra[:3]})")
 
 
 def write_site_configs(root: Path, settings: dict[str, dict]) -> Path:

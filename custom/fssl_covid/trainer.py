@@ -23,7 +23,7 @@ from monai.metrics import DiceMetric
 from monai.utils import set_determinism
 
 from .config import resolve_config
-from .data import evaluation_dataset, evaluation_loader, infinite_batches, training_dataset
+from .data import evaluation_dataset, evaluation_loader, infinite_batches, loader_workers, training_dataset
 from .networks import build_network
 from .ssl import ConsistencyObjective, Perturbation, unsup_weight
 from .validation import data_expectations, usable_cases
@@ -118,7 +118,9 @@ class SegmentationTrainer:
         if not cases:
             return None
         ds = training_dataset(self.cfg, cases, labeled=labeled, seed=self.seed + (0 if labeled else 1))
-        return infinite_batches(ds, batch_size, seed=self.seed + (2 if labeled else 3))
+        return infinite_batches(ds, batch_size, seed=self.seed + (2 if labeled else 3),
+                                num_workers=loader_workers(int(self.cfg["data"]["num_workers"]), self.device),
+                                pin_memory=self.device.type == "cuda")
 
     def _evaluation_loader(self, cases):
         batch = 8 if self.cfg["data"]["spatial_dims"] == 2 else 1
