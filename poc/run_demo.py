@@ -149,7 +149,8 @@ class Poc:
 
     def follow(self, job_id: str, timeout: float, poll: float = 5.0) -> str:
         """Poll the job until it is done, printing status and round progress; returns the final status."""
-        deadline, last, waited_hint = time.time() + timeout, None, False
+        started, last, waited_hint = time.time(), None, False
+        deadline = started + timeout
         print(f"following job {job_id} (its meta data every {poll:g} s, as `nvflare job meta {job_id}` shows it)")
         while time.time() < deadline:
             data = self.job_meta(job_id)
@@ -162,7 +163,7 @@ class Poc:
                     print(site_line, flush=True)
             if status.startswith("FINISHED") or status in ("FAILED", "ABORTED"):
                 return status
-            if status == "SUBMITTED" and not waited_hint and time.time() > deadline - timeout + 60:
+            if status == "SUBMITTED" and not waited_hint and time.time() - started > 60:
                 waited_hint = True
                 print(f"  still SUBMITTED after 60 s: the server's log ({self.kits / 'server' / 'log.txt'}) says why "
                       f"(\"Try to schedule job\": e.g. fewer connected sites than the job's min_clients, or a "

@@ -39,13 +39,11 @@ def customize_job(name: str, dst: Path, rounds: int | None = None, config: dict 
     ``best_FL_global_model.pt``, or an ``fssl train`` checkpoint) is copied into the job's ``app/custom`` and
     FLARE's ``PTFileModelPersistor`` starts from it (``source_ckpt_file_full_name``) instead of a fresh network.
     Its keys and shapes are checked against the job's network here, before anything is submitted."""
-    source_client = Path(source) / name / "app" / "config" / "config_fed_client.json"
     if init_model is not None:  # checked before anything is written: no half-made job to submit by mistake
         init_model = Path(init_model)
         if not init_model.is_file():
             raise FileNotFoundError(f"warm-start checkpoint {init_model} does not exist")
-        sites_config = json.loads(source_client.read_text())["executors"][0]["executor"]["args"]["config"]
-        _check_fits(init_model, deep_update(sites_config, config or {}))
+        _check_fits(init_model, deep_update(job_training_config(Path(source) / name), config or {}))
     job = Path(dst) / (job_name or name)
     if job.exists():
         shutil.rmtree(job)
@@ -79,24 +77,24 @@ def customize_job(name: str, dst: Path, rounds: int | None = None, config: dict 
 
 def _check_fits(checkpoint: Path, config: dict) -> None:
     """Raise ValueError naming the checkpoint when its weights do not fit the job's network."""
-    import torch
-
-    from .networks import build_network
-    from .config import resolve_config
+    from .networks import build_network, weights_mismatch
+    from .trainer import load_checkpoint
 
     try:
-        ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    except Exception as e:
+        state, cfg = load_checkpoint(checkpoint, config)
+    except ValueError:
+        raise
+    except Exception as e:  # not a torch file, or not loadable with weights_only
         raise ValueError(f"warm-start checkpoint {checkpoint} cannot be read: {e}") from e
-    state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
-    if not isinstance(state, dict):
-        raise ValueError(f"warm-start checkpoint {checkpoint} holds no state dict")
-    expected = build_network(**resolve_config(config)["network"]).state_dict()
-    wrong = [k for k in expected if k not in state or tuple(state[k].shape) != tuple(expected[k].shape)]
-    extra = [k for k in state if k not in expected]
-    if wrong or extra:
-        raise ValueError(f"warm-start checkpoint {checkpoint} does not fit the job's network "
-                         f"(missing or other shape: {wrong[:3]}, unexpected: {extra[:3]})")
+    problem = weights_mismatch(state, build_network(**cfg["network"]).state_dict())
+    if problem:
+        raise ValueError(f"warm-start checkpoint {checkpoint} does not fit the job's network: {problem}")
+
+
+def job_training_config(job: Path) -> dict:
+    """The sites' training configuration of a job folder (the executor's ``config`` argument)."""
+    client = json.loads((Path(job) / "app" / "config" / "config_fed_client.json").read_text())
+    return client["executors"][0]["executor"]["args"]["config"]
 
 
 def write_site_configs(root: Path, settings: dict[str, dict]) -> Path:

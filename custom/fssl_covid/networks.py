@@ -7,7 +7,7 @@ exactly the same architecture from the same arguments.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 from monai.networks.nets import SegResNet, UNet
@@ -55,3 +55,17 @@ def build_network(
             dropout_prob=dropout or None,
         )
     raise ValueError(f"unknown network '{name}' (use 'unet' or 'segresnet')")
+
+
+def weights_mismatch(weights: Mapping, expected: Mapping) -> str | None:
+    """Why ``weights`` (tensors or arrays by name) cannot be loaded into a network whose state dict is
+    ``expected``: missing or unexpected keys, or the first weight of another shape; None when they fit."""
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    if missing or unexpected:
+        return f"missing {missing[:5]}, unexpected {unexpected[:5]}"
+    for k, v in weights.items():
+        shape = tuple(v.shape)
+        if shape != tuple(expected[k].shape):
+            return f"weight '{k}' has shape {shape}, the network expects {tuple(expected[k].shape)}"
+    return None

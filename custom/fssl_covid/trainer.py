@@ -24,7 +24,7 @@ from monai.utils import set_determinism
 
 from .config import resolve_config
 from .data import evaluation_dataset, evaluation_loader, infinite_batches, loader_workers, training_dataset
-from .networks import build_network
+from .networks import build_network, weights_mismatch
 from .ssl import ConsistencyObjective, Perturbation, unsup_weight
 from .validation import data_expectations, usable_cases
 
@@ -138,17 +138,12 @@ class SegmentationTrainer:
     def set_weights(self, weights: Mapping[str, object]) -> None:
         """Load weights given as tensors or numpy arrays (what FLARE delivers); keys and shapes must match."""
         state = self.model.state_dict()
-        missing = sorted(set(state) - set(weights))
-        unexpected = sorted(set(weights) - set(state))
-        if missing or unexpected:
-            raise ValueError(f"weights do not fit the network: missing {missing[:5]}, unexpected {unexpected[:5]}")
-        new = {}
-        for k, v in weights.items():
-            t = torch.as_tensor(np.asarray(v) if not isinstance(v, torch.Tensor) else v)
-            if t.shape != state[k].shape:
-                raise ValueError(f"weight '{k}' has shape {tuple(t.shape)}, the network expects {tuple(state[k].shape)}")
-            new[k] = t.to(state[k].dtype)
-        self.model.load_state_dict(new)
+        tensors = {k: torch.as_tensor(np.asarray(v) if not isinstance(v, torch.Tensor) else v)
+                   for k, v in weights.items()}
+        problem = weights_mismatch(tensors, state)
+        if problem:
+            raise ValueError(f"weights do not fit the network: {problem}")
+        self.model.load_state_dict({k: t.to(state[k].dtype) for k, t in tensors.items()})
 
     # ------------------------------------------------------------------ evaluation
     def predict_logits(self, x: torch.Tensor) -> torch.Tensor:
