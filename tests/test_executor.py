@@ -76,6 +76,25 @@ def test_train_sends_full_weights_sample_weight_and_metric_of_received_model(tmp
     assert 0.0 <= metrics.data["val_dice"] <= 1.0
 
 
+def test_send_weight_diff_sends_the_update_that_the_full_weights_would_give(tmp_path, synthetic_sites, tiny_3d,
+                                                                             global_weights):
+    """The same seeded round sent as WEIGHTS and as WEIGHT_DIFF: received + diff == the full local model."""
+    sent = {}
+    for diff in (False, True):
+        ctx = _context(tmp_path / str(diff), "china", {"datalist": synthetic_sites["china"], "num_threads": 1})
+        ex = FSSLExecutor(config=tiny_3d, labeled_weight=2.0, send_weight_diff=diff)
+        ex.handle_event(EventType.START_RUN, ctx)
+        sent[diff] = from_shareable(ex.execute("train", _task(global_weights, rnd=2), ctx, Signal()))
+        submitted = from_shareable(ex.execute("submit_model", _task({}), ctx, Signal()))
+        assert submitted.data_kind == DataKind.WEIGHTS  # cross-site evaluation needs a whole model
+    full, update = sent[False], sent[True]
+    assert update.data_kind == DataKind.WEIGHT_DIFF and set(update.data) == set(global_weights)
+    assert update.meta == full.meta
+    for k, w in global_weights.items():
+        np.testing.assert_allclose(w + update.data[k], full.data[k], rtol=1e-5, atol=1e-6)
+    assert any(np.abs(v).max() > 0 for v in update.data.values())
+
+
 def test_site_without_labels_sends_no_fake_metric(tmp_path, synthetic_sites, tiny_3d, global_weights):
     ctx = _context(tmp_path, "japan", {"datalist": synthetic_sites["japan"], "eval_key": "validation"})
     ex = _executor(tiny_3d)

@@ -231,6 +231,21 @@ def test_weight_diff_updates_may_leave_parameters_out_but_not_add_any(caplog):
     np.testing.assert_allclose(out.data["conv.weight"], partial["conv.weight"], rtol=1e-6)
 
 
+def test_a_zero_weight_update_is_left_out_without_reading_its_values(caplog):
+    """PercentilePrivacy divides an update by its sample weight: a site that trained nothing (weight 0, all-zero
+    diff) arrives as 0/0 = NaN.  It cannot move the average, so it is accepted and ignored, not flagged."""
+    caplog.set_level(logging.INFO)
+    agg = _aggregator(expected_data_kind=DataKind.WEIGHT_DIFF)
+    diff = {k: (v - GLOBAL[k]) for k, v in _trained(seed=1).items() if GLOBAL[k].dtype.kind == "f"}
+    nan = {k: np.full_like(v, np.nan) for k, v in diff.items()}
+    assert _submit(agg, "china", diff, weight=2.0, kind=DataKind.WEIGHT_DIFF)
+    assert _submit(agg, "japan", nan, weight=0.0, kind=DataKind.WEIGHT_DIFF)
+    assert not _rejections(caplog, "japan")
+    out = from_shareable(agg.aggregate(_ctx()))
+    for k in diff:
+        np.testing.assert_allclose(out.data[k], diff[k], rtol=1e-6)
+
+
 def test_torch_tensors_are_handled_like_numpy():
     agg = _aggregator()
     data = {k: torch.as_tensor(v) for k, v in _trained(seed=1).items()}

@@ -302,3 +302,88 @@ def test_doc_snippets_are_valid_filter_configs_and_show_what_they_do_to_full_wei
     # ExcludeVars removes parameters: the update no longer has the global model's names (the guard rejects it)
     out = filtered(built["ExcludeVars"])
     assert set(out) < set(state) and all(k.endswith("adn.A.weight") for k in set(state) - set(out))
+
+
+RECORD_UPDATES = '''
+"""Test-only: record what each train result holds after the sites' privacy filters (kind, names, zero share)."""
+import json
+import threading
+
+import numpy as np
+from nvflare.apis.dxo import MetaKey, from_shareable
+from nvflare.apis.filter import Filter
+from nvflare.apis.fl_constant import ReservedKey
+
+_LOCK = threading.Lock()
+
+
+class RecordUpdates(Filter):
+    def __init__(self, path):
+        super().__init__()
+        self.path = path
+
+    def process(self, shareable, fl_ctx):
+        dxo = from_shareable(shareable)
+        values = [np.asarray(v) for v in dxo.data.values()]
+        floats = [v for v in values if v.dtype.kind == "f"]
+        record = {"site": shareable.get_peer_prop(ReservedKey.IDENTITY_NAME, None), "kind": str(dxo.data_kind),
+                  "names": sorted(dxo.data), "weight": dxo.get_meta_prop(MetaKey.NUM_STEPS_CURRENT_ROUND),
+                  "zero_fraction": sum(int((v == 0).sum()) for v in floats) / max(1, sum(v.size for v in floats)),
+                  "max_abs": max(float(np.nanmax(np.abs(v))) if v.size else 0.0 for v in floats)}
+        with _LOCK, open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\\n")
+        return shareable
+'''
+
+
+def test_privacy_filters_run_on_updates_in_a_federated_job(tmp_path, synthetic_sites):
+    """``fssl job --privacy exclude_vars --privacy percentile``: the sites send updates (WEIGHT_DIFF) without the
+    excluded parameters and with the smallest entries zeroed; the server averages them (nothing rejected); the
+    excluded parameters keep the starting model's values and the others learn."""
+    from fssl_covid.cli import main as fssl
+    import torch
+
+    config = json.loads(json.dumps(TINY_3D))
+    config["ssl"]["warmup_epochs"] = 1
+    start = tmp_path / "start.pt"
+    torch.manual_seed(0)
+    start_state = build_network(**config["network"]).state_dict()
+    torch.save({"model": start_state}, start)
+    settings = [f"{section}.{key}={json.dumps(value)}" for section, values in config.items()
+                for key, value in values.items()]
+    assert fssl(["job", "fssl_covid_seg", "--out", str(tmp_path / "jobs"), "--rounds", "2",
+                 "--init-model", str(start), "--privacy", "exclude_vars", "--privacy", "percentile",
+                 "--privacy-set", "percentile.percentile=30", *[a for s in settings for a in ("--set", s)]]) == 0
+    job = tmp_path / "jobs" / "fssl_covid_seg"
+    records_file = tmp_path / "updates.jsonl"
+    (job / "app" / "custom" / "record_updates.py").write_text(RECORD_UPDATES)
+    server_file = job / "app" / "config" / "config_fed_server.json"
+    server = json.loads(server_file.read_text())
+    server["task_result_filters"] = [{"tasks": ["train"], "filters": [
+        {"path": "record_updates.RecordUpdates", "args": {"path": str(records_file)}}]}]
+    server_file.write_text(json.dumps(server, indent=1))
+
+    env = flare_env(tmp_path, FSSL_SITE_CONFIGS=str(_site_configs(tmp_path / "site_configs", synthetic_sites)))
+    proc = run_simulator(job, tmp_path / "ws", SITES, env)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-3000:]
+    assert "REJECTED" not in log
+
+    excluded = {k for k in start_state if re.search(r"adn\.A\.weight$", k)}
+    assert excluded  # the U-Net has PReLU slopes to exclude
+    records = [json.loads(line) for line in records_file.read_text().splitlines()]
+    assert len(records) == 2 * len(SITES)
+    for r in records:
+        assert r["kind"].endswith("WEIGHT_DIFF")
+        assert set(r["names"]) == set(start_state) - excluded
+        if r["weight"]:  # a site that trained: at least the filter's 30 % of its update is zero
+            assert r["zero_fraction"] >= 0.29 and 0 < r["max_abs"] < 10
+
+    final = torch.load(tmp_path / "ws" / "server" / "simulate_job" / "app_server" / "FL_global_model.pt",
+                       weights_only=True)["model"]
+    assert all(torch.isfinite(v).all() for v in final.values() if v.dtype.is_floating_point)
+    for k in excluded:  # never sent, so never averaged: still the starting values
+        assert torch.equal(final[k], start_state[k]), k
+    kernels = [k for k in start_state if k not in excluded and start_state[k].dim() > 1]  # (biases before an
+    assert kernels and all(not torch.allclose(final[k], start_state[k], atol=1e-6) for k in kernels)  # instance norm
+    # get no gradient, so only the kernels are sure to move)

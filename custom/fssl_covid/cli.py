@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+from .jobs import PRIVACY_FILTERS
+
 PRESETS_DIR = Path(__file__).resolve().parent / "presets"
 
 
@@ -239,8 +241,19 @@ def cmd_job(args) -> int:
         from .config import resolve_config
 
         resolve_config(config)  # unknown keys and bad values fail here, not at the sites
+    privacy_args: dict[str, dict] = {}
+    for item in args.privacy_set or []:
+        key, sep, value = item.partition("=")
+        name, dot, arg = key.partition(".")
+        if not sep or not dot or not arg:
+            raise ValueError(f"--privacy-set {item!r}: expected FILTER.ARG=VALUE, e.g. percentile.gamma=0.02")
+        try:
+            privacy_args.setdefault(name, {})[arg] = json.loads(value)
+        except json.JSONDecodeError:
+            privacy_args.setdefault(name, {})[arg] = value
     job = customize_job(args.name, Path(args.out), rounds=args.rounds, config=config, min_clients=args.min_clients,
-                        job_name=args.job_name, init_model=args.init_model)
+                        job_name=args.job_name, init_model=args.init_model, privacy=args.privacy,
+                        privacy_args=privacy_args)
     print(f"job written: {job}")
     print(f"submit it with: nvflare job submit -j {job}")
     return 0
@@ -318,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("study", choices=["synthetic3d", "real2d"])
     p.add_argument("--out", required=True, help="results folder")
     p.add_argument("--quick", action="store_true", help="tiny network and budget: a smoke run of a few minutes")
-    p.add_argument("--methods", nargs="+", default=None, help="subset of methods (default: the study's matrix)")
+    p.add_argument("--methods", nargs="+", default=None, help="subset of methods (default: the study's matrix); also fssl_weight_diff, fssl_percentile, fssl_svt, fssl_exclude_vars (privacy filters, docs/privacy.md)")
     p.add_argument("--seeds", nargs="+", type=int, default=None, help="seeds (default: 0)")
     p.add_argument("--epochs", type=int, default=None, help="override the budget (total local epochs)")
     p.add_argument("--data", default=None, help="real2d: the covid_semiseg folder; synthetic3d: MosMed masks folder")
@@ -354,6 +367,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="warm start: e.g. <downloaded job>/workspace/app_server/FL_global_model.pt")
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
                    help="training setting for the sites, JSON value (e.g. ssl.warmup_epochs=0); repeatable")
+    p.add_argument("--privacy", action="append", choices=sorted(PRIVACY_FILTERS), metavar="FILTER",
+                   help="add FLARE's privacy filter on every site's train results: "
+                        + ", ".join(f"{k} ({v[0].rsplit('.', 1)[1]})" for k, v in sorted(PRIVACY_FILTERS.items()))
+                        + "; repeatable (chained in order). Sites then send updates (WEIGHT_DIFF). "
+                          "See docs/privacy.md for what each costs")
+    p.add_argument("--privacy-set", action="append", metavar="FILTER.ARG=VALUE",
+                   help="a privacy filter argument, JSON value (e.g. percentile.percentile=50); repeatable")
     p.set_defaults(func=cmd_job)
 
     p = sub.add_parser("report", help="figures and tables of a finished FLARE job (markdown + self-contained HTML)",

@@ -35,6 +35,10 @@ class FSSLExecutor(Executor):
             up-weighting of annotated data); the weight sent is ``labeled_weight * n_labeled + n_unlabeled``.
         analytics_writer_id: optional id of a FLARE ``LogWriter`` component (e.g. ``TBWriter``) that streams the
             site's aggregate training curves to the server.
+        send_weight_diff: send the round's update (``local - received`` weights, ``WEIGHT_DIFF``) instead of the
+            full local model (``WEIGHTS``).  FLARE's privacy filters (``PercentilePrivacy``, ``SVTPrivacy``,
+            ``ExcludeVars``) work on updates; the server's aggregator must then expect ``WEIGHT_DIFF``
+            (``fssl job --privacy`` sets both, see docs/privacy.md).  ``submit_model`` always sends full weights.
     """
 
     def __init__(
@@ -42,6 +46,7 @@ class FSSLExecutor(Executor):
         config: dict | None = None,
         labeled_weight: float = 1.0,
         analytics_writer_id: str = "",
+        send_weight_diff: bool = False,
         train_task_name: str = AppConstants.TASK_TRAIN,
         validate_task_name: str = AppConstants.TASK_VALIDATION,
         submit_model_task_name: str = AppConstants.TASK_SUBMIT_MODEL,
@@ -50,6 +55,7 @@ class FSSLExecutor(Executor):
         self.config = config or {}
         self.labeled_weight = float(labeled_weight)
         self.analytics_writer_id = analytics_writer_id
+        self.send_weight_diff = bool(send_weight_diff)
         self.train_task_name = train_task_name
         self.validate_task_name = validate_task_name
         self.submit_model_task_name = submit_model_task_name
@@ -132,7 +138,12 @@ class FSSLExecutor(Executor):
                               f"{_fmt(result.metrics_before)} -> local {_fmt(result.metrics_after)}, "
                               f"aggregation weight {weight:g}")
         self._stream(current_round, result)
-        return DXO(DataKind.WEIGHTS, _to_numpy(result.weights), meta=meta).to_shareable()
+        local = _to_numpy(result.weights)
+        if self.send_weight_diff:
+            received = dxo.data
+            diff = {k: (v - np.asarray(received[k]).astype(v.dtype, copy=False)) for k, v in local.items()}
+            return DXO(DataKind.WEIGHT_DIFF, diff, meta=meta).to_shareable()
+        return DXO(DataKind.WEIGHTS, local, meta=meta).to_shareable()
 
     def _validate(self, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
         owner = shareable.get_header(AppConstants.MODEL_OWNER, "?")

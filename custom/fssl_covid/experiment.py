@@ -11,6 +11,8 @@ Methods (every one with the same network, the same total number of local epochs,
 - ``fedavg_supervised`` FLARE job ``jobs/fedavg_supervised`` (unlabeled data ignored)
 - ``fssl``             FLARE job ``jobs/fssl_covid_seg`` (the product)
 - ``fssl_no_upweight`` / ``fssl_no_threshold`` / ``fssl_ema_teacher``: ablations of ``fssl``
+- on request (``--methods``): ``fssl_weight_diff`` (sites send updates instead of weights: must equal ``fssl``),
+  ``fssl_percentile`` / ``fssl_svt`` / ``fssl_exclude_vars`` (``fssl`` with one of FLARE's privacy filters)
 
 Federated methods run through FLARE's simulator (real server and site components), not a re-implementation.
 The budget: ``epochs`` total local epochs of ``iterations_per_epoch`` iterations; federated methods run
@@ -40,14 +42,21 @@ from .trainer import SegmentationTrainer, save_checkpoint
 PRESETS = Path(__file__).resolve().parent / "presets"
 SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 
+# method -> (job in jobs/, training-config patch, executor args, FLARE privacy filters on the sites' train results)
 FEDERATED = {
-    "fedavg_supervised": ("fedavg_supervised", {}, {}),
-    "fssl": ("fssl_covid_seg", {}, {}),
-    "fssl_no_upweight": ("fssl_covid_seg", {}, {"labeled_weight": 1.0}),
-    "fssl_no_threshold": ("fssl_covid_seg", {"ssl": {"confidence_threshold": 0.0}}, {}),
-    "fssl_ema_teacher": ("fssl_covid_seg", {"ssl": {"teacher": "ema"}}, {}),
+    "fedavg_supervised": ("fedavg_supervised", {}, {}, []),
+    "fssl": ("fssl_covid_seg", {}, {}, []),
+    "fssl_no_upweight": ("fssl_covid_seg", {}, {"labeled_weight": 1.0}, []),
+    "fssl_no_threshold": ("fssl_covid_seg", {"ssl": {"confidence_threshold": 0.0}}, {}, []),
+    "fssl_ema_teacher": ("fssl_covid_seg", {"ssl": {"teacher": "ema"}}, {}, []),
+    # the Dice cost of FLARE's privacy filters (docs/privacy.md); not in the default matrix
+    "fssl_weight_diff": ("fssl_covid_seg", {}, {"send_weight_diff": True}, []),
+    "fssl_percentile": ("fssl_covid_seg", {}, {}, ["percentile"]),
+    "fssl_svt": ("fssl_covid_seg", {}, {}, ["svt"]),
+    "fssl_exclude_vars": ("fssl_covid_seg", {}, {}, ["exclude_vars"]),
 }
-ALL_METHODS = ["local", "centralized", "centralized_ssl", *FEDERATED]
+PRIVACY_METHODS = ["fssl_weight_diff", "fssl_percentile", "fssl_svt", "fssl_exclude_vars"]
+ALL_METHODS = ["local", "centralized", "centralized_ssl", *(m for m in FEDERATED if m not in PRIVACY_METHODS)]
 
 
 @dataclass
@@ -165,7 +174,7 @@ def run_centralized(study: Study, method: str, seed: int, out: Path, device: str
 
 
 def run_federated(study: Study, method: str, seed: int, out: Path, device: str) -> dict:
-    job_name, config_patch, executor_args = FEDERATED[method]
+    job_name, config_patch, executor_args, privacy = FEDERATED[method]
     cfg = copy.deepcopy(study.config)
     cfg["train"]["seed"] = seed
     rounds = int(cfg["train"]["epochs"])
@@ -183,7 +192,7 @@ def run_federated(study: Study, method: str, seed: int, out: Path, device: str) 
         datalists[site] = {"datalist": str(path), "device": device, "num_threads": 1, "eval_key": study.eval_key}
     site_configs = write_site_configs(run_dir / "site_configs", datalists)
     job = customize_job(job_name, run_dir / "job", rounds=rounds, config=cfg, executor_args=executor_args,
-                        min_clients=len(sites), job_name=method)
+                        min_clients=len(sites), job_name=method, privacy=privacy)
     env = flare_env(run_dir, FSSL_SITE_CONFIGS=str(site_configs))
     t0 = time.time()
     proc = run_simulator(job, run_dir / "simulator", sites, env, log_file=run_dir / "simulator.log")
@@ -335,9 +344,10 @@ def main_experiment(study_name: str, out: str, quick: bool = False, device: str 
         study.seeds = seeds
     if epochs:
         study.config["train"]["epochs"] = epochs
-    unknown = sorted(set(methods or []) - set(ALL_METHODS))
+    known = ALL_METHODS + PRIVACY_METHODS
+    unknown = sorted(set(methods or []) - set(known))
     if unknown:
-        raise ValueError(f"unknown methods {unknown} (known: {', '.join(ALL_METHODS)})")
+        raise ValueError(f"unknown methods {unknown} (known: {', '.join(known)})")
     t0 = time.time()
     results = run_study(study, out_dir, device=device, methods=methods)
     results["seconds_total"] = round(time.time() - t0, 1)

@@ -26,7 +26,9 @@ own "Contribution from <site> REJECTED" line when made in ``accept``):
 in ``accept`` (per update)
     return code not OK; not a DXO; data kind not the expected one; round not the current round; a second update
     from the same site; parameter names differ from the global model's; a shape differs; a value is not a number;
-    a NaN or infinite value; a missing, negative or non-finite sample weight.  (With ``WEIGHT_DIFF`` an update may
+    a NaN or infinite value; a missing, negative or non-finite sample weight.  An update with sample weight 0
+    (a site that trained nothing this round) is accepted and left out of the average without reading its values:
+    it could not move the average, and a privacy filter may have turned its all-zero update into 0/0 = NaN.  (With ``WEIGHT_DIFF`` an update may
     leave parameters out, as FLARE's ``ExcludeVars`` filter does: ``FullModelShareableGenerator`` keeps them.)
 in ``aggregate`` (per round)
     distance ``||update - global||_2`` (over the floating-point tensors; for ``WEIGHT_DIFF`` just ``||update||``)
@@ -136,6 +138,9 @@ class GuardedWeightedAggregator(InTimeAccumulateWeightedAggregator):
         weight = dxo.get_meta_prop(MetaKey.NUM_STEPS_CURRENT_ROUND, 1.0)
         if not _is_number(weight) or not np.isfinite(float(weight)) or float(weight) < 0:
             return self._reject(fl_ctx, site, f"sample weight {weight!r} is not a finite number >= 0")
+        if float(weight) == 0:  # e.g. an unlabeled-only site in the warm-up: it trained nothing this round
+            self.log_info(fl_ctx, f"update from {site} has sample weight 0: nothing to average (values not read)")
+            return True
 
         data = dxo.data if isinstance(dxo.data, dict) else None
         if not data:

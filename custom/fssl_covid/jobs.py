@@ -26,19 +26,38 @@ def deep_update(base: dict, override: dict) -> dict:
     return base
 
 
+# FLARE's privacy filters, applied by every site to its `train` results (docs/privacy.md).  The arguments are the
+# ones of FLARE's own examples; override them with ``privacy_args``.  ExcludeVars' default keeps the U-Net's PReLU
+# slopes out of what is sent (a regular expression over parameter names).
+PRIVACY_FILTERS: dict[str, tuple[str, dict]] = {
+    "percentile": ("nvflare.app_common.filters.percentile_privacy.PercentilePrivacy",
+                   {"percentile": 10, "gamma": 0.01}),
+    "svt": ("nvflare.app_common.filters.svt_privacy.SVTPrivacy",
+            {"fraction": 0.1, "epsilon": 0.1, "noise_var": 0.1, "gamma": 1e-5, "tau": 1e-6}),
+    "exclude_vars": ("nvflare.app_common.filters.exclude_vars.ExcludeVars", {"exclude_vars": "adn\\.A\\.weight$"}),
+}
+
 INIT_MODEL = "initial_global_model.pt"  # the warm-start checkpoint's name inside a job's app/custom folder
 
 
 def customize_job(name: str, dst: Path, rounds: int | None = None, config: dict | None = None,
                   executor_args: dict | None = None, min_clients: int | None = None, job_name: str | None = None,
-                  source: Path = JOBS, init_model: Path | None = None) -> Path:
+                  source: Path = JOBS, init_model: Path | None = None, privacy: list[str] | None = None,
+                  privacy_args: dict[str, dict] | None = None) -> Path:
     """Copy ``<source>/<name>`` to ``dst/<job_name or name>`` with ``config`` merged into the sites' training config
     (the server's network follows the sites' so both build the same model) and other executor args replaced.
 
     ``init_model``: warm start.  A checkpoint of an earlier job (its ``FL_global_model.pt`` or
     ``best_FL_global_model.pt``, or an ``fssl train`` checkpoint) is copied into the job's ``app/custom`` and
     FLARE's ``PTFileModelPersistor`` starts from it (``source_ckpt_file_full_name``) instead of a fresh network.
-    Its keys and shapes are checked against the job's network here, before anything is submitted."""
+    Its keys and shapes are checked against the job's network here, before anything is submitted.
+
+    ``privacy``: names from :data:`PRIVACY_FILTERS`, chained in this order on every site's ``train`` results
+    (``privacy_args``: ``{name: {arg: value}}`` over the defaults).  The sites then send updates (``WEIGHT_DIFF``)
+    and the server's aggregator expects them: the filters are written for updates, not for full weights."""
+    unknown = sorted(set(privacy or []) - set(PRIVACY_FILTERS)) + sorted(set(privacy_args or {}) - set(privacy or []))
+    if unknown:
+        raise ValueError(f"unknown or unused privacy filter(s) {unknown}: choose from {sorted(PRIVACY_FILTERS)}")
     if init_model is not None:  # checked before anything is written: no half-made job to submit by mistake
         init_model = Path(init_model)
         if not init_model.is_file():
@@ -60,6 +79,8 @@ def customize_job(name: str, dst: Path, rounds: int | None = None, config: dict 
         (job / "app" / "custom").mkdir(parents=True, exist_ok=True)
         shutil.copy(init_model, job / "app" / "custom" / INIT_MODEL)
         persistor["args"]["source_ckpt_file_full_name"] = INIT_MODEL  # relative: resolved in the app's custom/
+    if privacy:
+        _add_privacy_filters(server, client, privacy, privacy_args or {})
     if rounds is not None:
         server["num_rounds"] = rounds
     if min_clients is not None:
@@ -73,6 +94,20 @@ def customize_job(name: str, dst: Path, rounds: int | None = None, config: dict 
     server_file.write_text(json.dumps(server, indent=1))
     client_file.write_text(json.dumps(client, indent=1))
     return job
+
+
+def _add_privacy_filters(server: dict, client: dict, names: list[str], overrides: dict[str, dict]) -> None:
+    client["executors"][0]["executor"]["args"]["send_weight_diff"] = True
+    aggregator = next(c for c in server["components"] if c["id"] == "aggregator")
+    aggregator["args"]["expected_data_kind"] = "WEIGHT_DIFF"
+    filters = [{"path": PRIVACY_FILTERS[n][0], "args": {**PRIVACY_FILTERS[n][1], **overrides.get(n, {})}}
+               for n in names]
+    chains = client.setdefault("task_result_filters", [])
+    train_chain = next((c for c in chains if "train" in c.get("tasks", [])), None)
+    if train_chain is None:  # FLARE allows a task in one chain only: extend the existing one
+        chains.append({"tasks": ["train"], "filters": filters})
+    else:
+        train_chain["filters"].extend(filters)
 
 
 def _check_fits(checkpoint: Path, config: dict) -> None:
