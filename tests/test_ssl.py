@@ -1,11 +1,13 @@
 """The semi-supervised objective: ramp, confidence filter, perturbation geometry, consistency loss."""
 
+import contextlib
+
 import torch
 
 from fssl_covid.config import ConfigError, resolve_config
 from fssl_covid.networks import build_network
 from fssl_covid.ssl import (ConsistencyObjective, Perturbation, masked_consistency_loss, pseudo_labels,
-                            sigmoid_rampup, unsup_weight)
+                            sigmoid_rampup, teacher_probabilities, unsup_weight)
 
 import pytest
 
@@ -104,3 +106,17 @@ def test_class_adaptive_threshold_keeps_the_rare_class():
     # lesion threshold = 0.9 * mean(0.7, 0.7, 0.55) / 0.98 = 0.60: the two 0.7 voxels are kept, 0.55 is not
     assert labels.tolist() == [[0, 0, 0, 1, 1, 1]]
     assert adaptive.tolist() == [[1, 1, 1, 1, 1, 0]]
+
+
+def test_flip_tta_teacher_averages_the_flipped_predictions():
+    torch.manual_seed(0)
+    teacher = torch.nn.Conv3d(1, 2, kernel_size=3, padding=1)  # an asymmetric kernel: not flip-equivariant
+    x = torch.randn(2, 1, 8, 6, 4)
+    plain = teacher_probabilities(teacher, x, flips=False, autocast=contextlib.nullcontext)
+    assert torch.allclose(plain, torch.softmax(teacher(x), dim=1))
+    tta = teacher_probabilities(teacher, x, flips=True, autocast=contextlib.nullcontext)
+    manual = [torch.softmax(teacher(x), dim=1)]
+    manual += [torch.flip(torch.softmax(teacher(torch.flip(x, (a,))), dim=1), (a,)) for a in (2, 3, 4)]
+    assert torch.allclose(tta, torch.stack(manual).mean(0), atol=1e-6)
+    assert not torch.allclose(tta, plain, atol=1e-3)
+    assert torch.allclose(tta.sum(dim=1), torch.ones(2, 8, 6, 4), atol=1e-5)  # still probabilities

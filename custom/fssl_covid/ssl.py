@@ -175,6 +175,20 @@ def masked_consistency_loss(student_logits: torch.Tensor, labels: torch.Tensor, 
     return loss
 
 
+def teacher_probabilities(teacher: torch.nn.Module, x: torch.Tensor, flips: bool, autocast) -> torch.Tensor:
+    """Class probabilities of the teacher; with ``flips`` averaged over the image and its flips along each spatial
+    axis (test-time augmentation: pseudo-labels a little better than one prediction, for 1 + dims forwards)."""
+    views = [()] + ([(2 + d,) for d in range(x.dim() - 2)] if flips else [])
+    total = None
+    for axes in views:
+        with autocast():
+            logits = teacher(torch.flip(x, axes) if axes else x).float()
+        p = torch.softmax(logits, dim=1)
+        p = torch.flip(p, axes) if axes else p
+        total = p if total is None else total + p
+    return total / len(views)
+
+
 class ConsistencyObjective:
     """Computes the unsupervised loss of a student against a teacher on one unlabeled batch."""
 
@@ -188,8 +202,7 @@ class ConsistencyObjective:
         dims = x.dim() - 2
         with torch.no_grad():
             xw = self.weak.intensity(x, self.weak.sample(x.shape[0], dims))  # weak view: intensity only
-            with autocast():
-                probs = torch.softmax(teacher(xw).float(), dim=1)
+            probs = teacher_probabilities(teacher, xw, flips=bool(self.cfg["teacher_flip_tta"]), autocast=autocast)
         p = self.strong.sample(x.shape[0], dims)
         xs = self.strong.geometry(self.strong.intensity(x, p), p)
         probs = self.strong.geometry(probs, p)
