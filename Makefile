@@ -19,7 +19,7 @@ demo: venv  ## federated semi-supervised demo: 3 synthetic sites in POC mode (re
 	$(BIN)/python poc/run_demo.py $(DEMO_ARGS)
 
 test: venv  ## the whole test suite (what CI runs)
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q --durations=15 $(PYTEST_ARGS)
 
 test-fast: venv  ## unit tests only, no FLARE processes
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)

@@ -94,6 +94,14 @@ def test_send_weight_diff_sends_the_update_that_the_full_weights_would_give(tmp_
         np.testing.assert_allclose(w + update.data[k], full.data[k], rtol=1e-5, atol=1e-6)
     assert any(np.abs(v).max() > 0 for v in update.data.values())
 
+    # a site that trains nothing this round (unlabeled only, warm-up) sends an empty update with weight 0
+    ctx = _context(tmp_path / "japan", "japan", {"datalist": synthetic_sites["japan"], "num_threads": 1})
+    ex = FSSLExecutor(config=tiny_3d, send_weight_diff=True)
+    ex.handle_event(EventType.START_RUN, ctx)
+    idle = from_shareable(ex.execute("train", _task(global_weights, rnd=0), ctx, Signal()))
+    assert idle.data_kind == DataKind.WEIGHT_DIFF and idle.data == {}
+    assert idle.get_meta_prop(MetaKey.NUM_STEPS_CURRENT_ROUND) == 0
+
 
 def test_site_without_labels_sends_no_fake_metric(tmp_path, synthetic_sites, tiny_3d, global_weights):
     ctx = _context(tmp_path, "japan", {"datalist": synthetic_sites["japan"], "eval_key": "validation"})

@@ -140,8 +140,12 @@ class FSSLExecutor(Executor):
         self._stream(current_round, result)
         local = _to_numpy(result.weights)
         if self.send_weight_diff:
+            # A site that trained nothing (weight 0: an unlabeled-only site in the warm-up) sends an empty update:
+            # FLARE's filters pass a DXO without data through untouched (PercentilePrivacy and SVTPrivacy divide by
+            # the weight: 0/0 = NaN, and SVTPrivacy's selection loop never ends on NaN).
             received = dxo.data
-            diff = {k: (v - np.asarray(received[k]).astype(v.dtype, copy=False)) for k, v in local.items()}
+            diff = {} if weight == 0 else {
+                k: (v - np.asarray(received[k]).astype(v.dtype, copy=False)) for k, v in local.items()}
             return DXO(DataKind.WEIGHT_DIFF, diff, meta=meta).to_shareable()
         return DXO(DataKind.WEIGHTS, local, meta=meta).to_shareable()
 

@@ -27,8 +27,9 @@ in ``accept`` (per update)
     return code not OK; not a DXO; data kind not the expected one; round not the current round; a second update
     from the same site; parameter names differ from the global model's; a shape differs; a value is not a number;
     a NaN or infinite value; a missing, negative or non-finite sample weight.  An update with sample weight 0
-    (a site that trained nothing this round) is accepted and left out of the average without reading its values:
-    it could not move the average, and a privacy filter may have turned its all-zero update into 0/0 = NaN.  (With ``WEIGHT_DIFF`` an update may
+    (a site that trained nothing this round) is accepted and left out of the average without reading its values,
+    which may be empty (what this project's sites send as a ``WEIGHT_DIFF`` then) or NaN (what FLARE's privacy
+    filters make of an all-zero update with weight 0): it could not move the average.  (With ``WEIGHT_DIFF`` an update may
     leave parameters out, as FLARE's ``ExcludeVars`` filter does: ``FullModelShareableGenerator`` keeps them.)
 in ``aggregate`` (per round)
     distance ``||update - global||_2`` (over the floating-point tensors; for ``WEIGHT_DIFF`` just ``||update||``)
