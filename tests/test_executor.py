@@ -109,7 +109,8 @@ def test_site_without_labels_sends_no_fake_metric(tmp_path, synthetic_sites, tin
     ex.handle_event(EventType.START_RUN, ctx)
     dxo = from_shareable(ex.execute("train", _task(global_weights, rnd=3), ctx, Signal()))
     assert MetaKey.INITIAL_METRICS not in dxo.meta
-    assert dxo.get_meta_prop(MetaKey.NUM_STEPS_CURRENT_ROUND) == 4  # unlabeled cases only
+    # its 4 unlabeled cases, scaled like its learning rate (ssl.unlabeled_only_lr_scale, 0.1)
+    assert dxo.get_meta_prop(MetaKey.NUM_STEPS_CURRENT_ROUND) == pytest.approx(4 * 0.1)
     val = _task(global_weights)
     val.set_header(AppConstants.MODEL_OWNER, "china")
     assert from_shareable(ex.execute("validate", val, ctx, Signal())).data == {}

@@ -45,8 +45,9 @@ def test_job_runs_in_the_simulator(tmp_path, synthetic_sites, job_name):
             assert 0.0 <= metrics["val_dice"] <= 1.0
     assert "round 2/2" in log
     if job_name == "fssl_covid_seg":
-        # round 2 is past the warm-up: the unlabeled-only site trains and contributes (weight = its 4 scans)
-        assert "aggregation weight 4" in log
+        # round 2 is past the warm-up: the unlabeled-only site trains and contributes (weight = its 4 scans x the
+        # unlabeled-only learning-rate scale 0.1)
+        assert "aggregation weight 0.4" in log
         assert any((run / "tb_events").rglob("events.out.tfevents.*"))
     else:
         # unlabeled data ignored: no unsupervised loss anywhere, and the unlabeled-only site contributes nothing

@@ -32,7 +32,8 @@ class FSSLExecutor(Executor):
     Args:
         config: training configuration (see :mod:`fssl_covid.config`), the same at every site.
         labeled_weight: aggregation weight of one labeled case relative to one unlabeled case (the paper's
-            up-weighting of annotated data); the weight sent is ``labeled_weight * n_labeled + n_unlabeled``.
+            up-weighting of annotated data); the weight sent is ``labeled_weight * n_labeled + n_unlabeled``, times
+            ``ssl.unlabeled_only_lr_scale`` at a site without labeled data.
         analytics_writer_id: optional id of a FLARE ``LogWriter`` component (e.g. ``TBWriter``) that streams the
             site's aggregate training curves to the server.
         send_weight_diff: send the round's update (``local - received`` weights, ``WEIGHT_DIFF``) instead of the
@@ -129,6 +130,8 @@ class FSSLExecutor(Executor):
         if result.aborted:
             return make_reply(ReturnCode.TASK_ABORTED)
         weight = self.labeled_weight * result.n_labeled + result.n_unlabeled
+        if not self.trainer.labeled_cases:  # its steps are scaled by unlabeled_only_lr_scale: so is its say in the
+            weight *= float(self.trainer.cfg["ssl"]["unlabeled_only_lr_scale"])  # average (no dilution, see config)
         meta: dict[str, Any] = {MetaKey.NUM_STEPS_CURRENT_ROUND: weight}
         if result.metrics_before is not None:  # metric of the RECEIVED global model (IntimeModelSelector)
             meta[MetaKey.INITIAL_METRICS] = {"val_dice": result.metrics_before["val_dice"]}
