@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fssl_covid.jobs import JOBS, REPO as ROOT, customize_job, flare_env, run_simulator  # noqa: F401
+from fssl_covid.jobs import (  # noqa: F401
+    JOBS, REPO as ROOT, customize_job, flare_env, job_training_config, run_simulator,
+)
 
 
 def small_job(name: str, dst: Path, rounds: int, config: dict, min_clients: int | None = None) -> Path:

@@ -97,3 +97,32 @@ def test_customized_job_sets_rounds_and_min_clients_where_flare_reads_them(tmp_p
     assert meta["min_clients"] == 1  # the job scheduler's check: a larger value leaves the job SUBMITTED forever
     assert client["executors"][0]["executor"]["args"]["config"]["train"]["lr"] == 0.002
     assert not any(p.is_symlink() for p in job.rglob("*"))  # a self-contained copy, code included
+
+
+@pytest.mark.parametrize("argv", [
+    ["--set", "lr=0.1"],                                  # no section
+    ["--set", "train.nonsense=1"],                        # unknown key
+    ["--privacy-set", "percentile=5"],                    # no filter argument
+    ["--privacy-set", "percentile.gamma=0.1"],            # a filter that was not added
+    ["--privacy", "percentile", "--privacy-set", "percentile.a.b=1"],
+])
+def test_fssl_job_refuses_bad_settings_and_writes_nothing(tmp_path, argv):
+    from fssl_covid.cli import main as fssl
+
+    assert fssl(["job", "fssl_covid_seg", "--out", str(tmp_path / "jobs"), *argv]) == 2
+    assert not (tmp_path / "jobs").exists()
+
+
+def test_fssl_job_privacy_writes_filters_updates_and_aggregator_kind(tmp_path):
+    from fssl_covid.cli import main as fssl
+
+    assert fssl(["job", "fssl_covid_seg", "--out", str(tmp_path), "--privacy", "exclude_vars", "--privacy",
+                 "percentile", "--privacy-set", "percentile.percentile=20"]) == 0
+    client = json.loads((tmp_path / "fssl_covid_seg/app/config/config_fed_client.json").read_text())
+    server = json.loads((tmp_path / "fssl_covid_seg/app/config/config_fed_server.json").read_text())
+    assert client["executors"][0]["executor"]["args"]["send_weight_diff"] is True
+    chain, = [c for c in client["task_result_filters"] if "train" in c["tasks"]]
+    assert [f["path"].rsplit(".", 1)[1] for f in chain["filters"]] == ["ExcludeVars", "PercentilePrivacy"]
+    assert chain["filters"][1]["args"] == {"percentile": 20, "gamma": 0.01}
+    aggregator, = [c for c in server["components"] if c["id"] == "aggregator"]
+    assert aggregator["args"]["expected_data_kind"] == "WEIGHT_DIFF"

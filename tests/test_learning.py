@@ -11,13 +11,12 @@ semi-supervised 0.667 / 0.627 / 0.657 (+0.028 / +0.035 / +0.038); at china (the 
 """
 
 import copy
-import json
 
 import pytest
 
 from fssl_covid.data import load_datalist
 from fssl_covid.trainer import SegmentationTrainer
-from jobtools import JOBS
+from jobtools import JOBS, job_training_config
 
 FLOOR = 0.4  # stated floor for validation Dice; the empty-mask baseline scores 0 on scans with lesions
 MARGIN = 0.015  # smallest gain of the unlabeled term at the shifted sites (measured: +0.028 to +0.038, 3 seeds)
@@ -25,8 +24,7 @@ EPOCHS = 10
 
 
 def _job_config() -> dict:
-    cfg = json.loads((JOBS / "fssl_covid_seg/app/config/config_fed_client.json").read_text())
-    cfg = cfg["executors"][0]["executor"]["args"]["config"]  # the demo job's network and objective
+    cfg = job_training_config(JOBS / "fssl_covid_seg")  # the demo job's network and objective
     cfg["train"]["iterations_per_epoch"] = 12
     cfg["ssl"].update({"warmup_epochs": 4, "rampup_epochs": 2})
     return cfg

@@ -220,37 +220,36 @@ def cmd_report(args) -> int:
     return 0
 
 
-def cmd_job(args) -> int:
-    from .jobs import customize_job
-
-    config = {}
-    for item in args.set or []:
+def _dotted_settings(items: list[str] | None, flag: str, form: str, example: str, depth: int | None = None) -> dict:
+    """``A.B=VALUE`` arguments as a nested dict; VALUE is JSON when it parses (else a string).  ``depth``: the
+    exact number of dotted parts a key must have (None: at least two)."""
+    out: dict = {}
+    for item in items or []:
         key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--set {item!r}: expected SECTION.KEY=VALUE, e.g. train.lr=0.003")
+        parts = key.split(".")
+        if not sep or len(parts) < 2 or not all(parts) or (depth is not None and len(parts) != depth):
+            raise ValueError(f"{flag} {item!r}: expected {form}, e.g. {example}")
         try:
             parsed = json.loads(value)
         except json.JSONDecodeError:
             parsed = value
-        node = config
-        *parents, leaf = key.split(".")
-        for part in parents:
+        node = out
+        for part in parts[:-1]:
             node = node.setdefault(part, {})
-        node[leaf] = parsed
+        node[parts[-1]] = parsed
+    return out
+
+
+def cmd_job(args) -> int:
+    from .jobs import customize_job
+
+    config = _dotted_settings(args.set, "--set", "SECTION.KEY=VALUE", "train.lr=0.003")
     if config:
         from .config import resolve_config
 
         resolve_config(config)  # unknown keys and bad values fail here, not at the sites
-    privacy_args: dict[str, dict] = {}
-    for item in args.privacy_set or []:
-        key, sep, value = item.partition("=")
-        name, dot, arg = key.partition(".")
-        if not sep or not dot or not arg:
-            raise ValueError(f"--privacy-set {item!r}: expected FILTER.ARG=VALUE, e.g. percentile.gamma=0.02")
-        try:
-            privacy_args.setdefault(name, {})[arg] = json.loads(value)
-        except json.JSONDecodeError:
-            privacy_args.setdefault(name, {})[arg] = value
+    privacy_args = _dotted_settings(args.privacy_set, "--privacy-set", "FILTER.ARG=VALUE", "percentile.gamma=0.02",
+                                    depth=2)
     job = customize_job(args.name, Path(args.out), rounds=args.rounds, config=config, min_clients=args.min_clients,
                         job_name=args.job_name, init_model=args.init_model, privacy=args.privacy,
                         privacy_args=privacy_args)

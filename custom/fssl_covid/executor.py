@@ -129,9 +129,8 @@ class FSSLExecutor(Executor):
         result = self.trainer.run_round(dxo.data, current_round, total_rounds, abort=lambda: abort_signal.triggered)
         if result.aborted:
             return make_reply(ReturnCode.TASK_ABORTED)
-        weight = self.labeled_weight * result.n_labeled + result.n_unlabeled
-        if not self.trainer.labeled_cases:  # its steps are scaled by unlabeled_only_lr_scale: so is its say in the
-            weight *= float(self.trainer.cfg["ssl"]["unlabeled_only_lr_scale"])  # average (no dilution, see config)
+        # an unlabeled-only site takes scaled-down steps: its say in the average is scaled alike (no dilution)
+        weight = (self.labeled_weight * result.n_labeled + result.n_unlabeled) * self.trainer.step_scale
         meta: dict[str, Any] = {MetaKey.NUM_STEPS_CURRENT_ROUND: weight}
         if result.metrics_before is not None:  # metric of the RECEIVED global model (IntimeModelSelector)
             meta[MetaKey.INITIAL_METRICS] = {"val_dice": result.metrics_before["val_dice"]}

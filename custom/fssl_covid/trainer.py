@@ -131,6 +131,13 @@ class SegmentationTrainer:
             return torch.autocast("cuda", dtype=torch.float16)
         return contextlib.nullcontext()
 
+    @property
+    def step_scale(self) -> float:
+        """Learning-rate factor of this trainer's steps: ``ssl.unlabeled_only_lr_scale`` without labeled data
+        (Adam's step does not shrink with the weak unsupervised loss), else 1.  In FL the site's aggregation
+        weight is scaled by it too, so its small step does not dilute the others' in the average."""
+        return float(self.cfg["ssl"]["unlabeled_only_lr_scale"]) if self._labeled_batches is None else 1.0
+
     # ------------------------------------------------------------------ weights
     def get_weights(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
@@ -225,7 +232,7 @@ class SegmentationTrainer:
             if self._labeled_batches is None and lam == 0.0:
                 continue  # unlabeled-only site during warm-up: nothing to learn from yet
             teacher = self._teacher(received) if lam > 0 else None
-            lr_scale = self.cfg["ssl"]["unlabeled_only_lr_scale"] if self._labeled_batches is None else 1.0
+            lr_scale = self.step_scale
             for i in range(iters):
                 if abort():
                     stats["aborted"] = True
