@@ -28,6 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "custom"))
 
+from fssl_covid.progress import job_progress_lines  # noqa: E402
 from fssl_covid.results import cross_site_table, find_job_outputs  # noqa: E402
 from fssl_covid.site_settings import write_settings  # noqa: E402
 
@@ -151,16 +152,18 @@ class Poc:
         """Poll the job until it is done, printing status and round progress; returns the final status."""
         started, last, waited_hint = time.time(), None, False
         deadline = started + timeout
-        print(f"following job {job_id} (its meta data every {poll:g} s, as `nvflare job meta {job_id}` shows it)")
+        print(f"following job {job_id} every {poll:g} s (status: `nvflare job meta {job_id}`; progress: "
+              f"`fssl watch {job_id} --kit {self.kits / 'admin@nvidia.com'}` or the console's "
+              f"`show_stats {job_id} server`)")
         while time.time() < deadline:
             data = self.job_meta(job_id)
             status = str(data.get("status", "?"))
-            line = f"  job {job_id[:8]} {status}{_progress(self.kits, job_id)}"
-            if line != last:
-                print(line, flush=True)
-                last = line
-                for site_line in _site_metrics(self.kits, job_id):
-                    print(site_line, flush=True)
+            block = [f"  job {job_id[:8]} {status}"]
+            if status == "RUNNING" and self._session:  # the server's JobProgress, as `fssl watch` shows it
+                block += ["    " + line for line in job_progress_lines(self._session, job_id)]
+            if block != last:
+                print("\n".join(block), flush=True)
+                last = block
             if status.startswith("FINISHED") or status in ("FAILED", "ABORTED"):
                 return status
             if status == "SUBMITTED" and not waited_hint and time.time() - started > 60:
@@ -178,40 +181,6 @@ class Poc:
         if not path.is_dir():
             raise DemoError(f"download of job {job_id} produced no folder {path}")
         return path
-
-
-def _progress(kits: Path, job_id: str) -> str:
-    """Round progress from the server's job log (the demo runs on this machine, so it can read it)."""
-    log = kits / "server" / job_id / "log.txt"
-    if not log.is_file():
-        return ""
-    rnd = None
-    for line in log.read_text(errors="replace").splitlines():
-        if "Round " in line and " started" in line:
-            rnd = line.split("Round ", 1)[1].split(" ", 1)[0]
-        elif "cross site validation" in line.lower() or "cross_site_model_eval" in line.lower():
-            rnd = "cross-site evaluation"
-    return "" if rnd is None else (f", {rnd}" if not rnd.isdigit() else f", round {int(rnd) + 1}")
-
-
-def _site_metrics(kits: Path, job_id: str) -> list[str]:
-    """Each site's latest aggregate metrics, as streamed to the server (FLARE analytics -> TensorBoard events)."""
-    from fssl_covid.report import read_tb_scalars
-
-    try:
-        scalars = read_tb_scalars(kits / "server" / job_id / "tb_events")
-    except Exception:  # events being written: try again at the next poll
-        return []
-    lines = []
-    for site, tags in sorted(scalars.items()):
-        loss = tags.get("train/loss", [])
-        if not loss:
-            continue
-        step, value = loss[-1]
-        dice = dict(tags.get("val/dice_global_model", [])).get(step)
-        dice_text = f", Dice of the received global model {dice:.3f}" if dice is not None else ""
-        lines.append(f"      {site}: reported round {step + 1}: loss {value:.3f}{dice_text}")
-    return lines
 
 
 def _last_json(text: str) -> dict:

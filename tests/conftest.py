@@ -55,6 +55,15 @@ def synthetic_sites(tmp_path_factory) -> dict[str, str]:
     return make_federation(tmp_path_factory.mktemp("synthetic"), sites=SMALL_SITES, seed=0)
 
 
+@pytest.fixture(scope="session")
+def simulated_fssl_job(tmp_path_factory, synthetic_sites) -> dict:
+    """One finished FSSL job in the FLARE simulator (3 sites, 2 rounds, warm-up 1 round, cross-site evaluation) with
+    everything the sites sent recorded; read by the simulator, report and privacy tests."""
+    from jobtools import run_captured_fssl_job
+
+    return run_captured_fssl_job(tmp_path_factory.mktemp("fssl_job"), synthetic_sites, copy.deepcopy(TINY_3D))
+
+
 @pytest.fixture
 def tiny_3d() -> dict:
     return copy.deepcopy(TINY_3D)

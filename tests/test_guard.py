@@ -21,7 +21,7 @@ from nvflare.app_common.abstract.model import ModelLearnable, ModelLearnableKey
 from nvflare.app_common.app_constant import AppConstants
 
 from conftest import TINY_3D
-from jobtools import flare_env, run_simulator
+from jobtools import SITES, flare_env, run_simulator, write_site_configs
 from fssl_covid.guard import GuardedWeightedAggregator
 from fssl_covid.jobs import customize_job
 from fssl_covid.networks import build_network
@@ -257,7 +257,6 @@ def test_torch_tensors_are_handled_like_numpy():
 
 
 # ---------------------------------------------------------------------- a poisoned site in a real federation
-SITES = ["china", "italy", "japan"]
 
 POISON_FILTER = '''
 """Test-only: the site named `site` sends its weights multiplied by `factor` (a poisoned or broken site)."""
@@ -279,12 +278,6 @@ class PoisonFilter(DXOFilter):
 '''
 
 
-def _site_configs(root, datalists):
-    for site, datalist in datalists.items():
-        (root / site / "local").mkdir(parents=True)
-        (root / site / "local" / "fssl_site.json").write_text(json.dumps({"datalist": datalist, "num_threads": 1}))
-    return root
-
 
 def test_poisoned_site_is_rejected_every_round_and_the_federation_finishes(tmp_path, synthetic_sites):
     config = json.loads(json.dumps(TINY_3D))
@@ -297,7 +290,7 @@ def test_poisoned_site_is_rejected_every_round_and_the_federation_finishes(tmp_p
         {"path": "poison_filter.PoisonFilter", "args": {"site": "italy", "factor": 1e4}}]}]
     client_file.write_text(json.dumps(client, indent=1))
 
-    env = flare_env(tmp_path, FSSL_SITE_CONFIGS=str(_site_configs(tmp_path / "site_configs", synthetic_sites)))
+    env = flare_env(tmp_path, FSSL_SITE_CONFIGS=str(write_site_configs(tmp_path / "site_configs", synthetic_sites)))
     proc = run_simulator(job, tmp_path / "ws", SITES, env)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-3000:]

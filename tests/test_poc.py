@@ -1,6 +1,7 @@
 """End to end in POC mode: real server and three client processes on localhost, the demo script's full cycle."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -42,3 +43,6 @@ def test_fssl_job_in_poc_learns_and_delivers_results(tmp_path, synthetic_sites):
     for site in ("china", "italy"):
         assert results[site]["SRV_FL_global_model.pt"] > 0.25, results
     assert "| global (final) |" in out  # the table was printed
+    # live progress came from the server's JobProgress through the admin API (show_stats), not from log files
+    assert re.search(r"round [1-4] of 4 \(", out), out[-4000:]
+    assert re.search(r"(china|italy): round [1-4], loss \d+\.\d+", out), out[-4000:]

@@ -19,85 +19,12 @@ from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
 from nvflare.apis.fl_context import FLContext
 
 from conftest import ROOT, TINY_3D
-from jobtools import flare_env, run_simulator
-from fssl_covid.jobs import customize_job
+from jobtools import SITES, flare_env, run_simulator, write_site_configs
 from fssl_covid.networks import build_network
 
-SITES = ["china", "italy", "japan"]
-
-CAPTURE = '''
-"""Test-only: record everything a site sends (task results, streamed events) as JSON lines."""
-import json
-import threading
-
-import numpy as np
-from nvflare.apis.fl_component import FLComponent
-from nvflare.apis.fl_constant import FLContextKey, ReservedKey
-from nvflare.apis.fl_context import FLContext
-from nvflare.apis.filter import Filter
-
-_LOCK = threading.Lock()
 
 
-def plain(x, depth=0):
-    if depth > 30:
-        return {"__too_deep__": type(x).__name__}
-    if x is None or isinstance(x, (bool, int, float, str)):
-        return x
-    if isinstance(x, np.generic):
-        return x.item()
-    if hasattr(x, "shape") and hasattr(x, "dtype"):  # numpy array or tensor: describe, do not copy
-        return {"__array__": [int(n) for n in x.shape], "dtype": str(x.dtype)}
-    if isinstance(x, dict):
-        return {str(k): plain(v, depth + 1) for k, v in x.items()}
-    if isinstance(x, (list, tuple, set)):
-        return [plain(v, depth + 1) for v in x]
-    if isinstance(x, FLContext):
-        return {"__fl_context_public_props__": plain(x.get_all_public_props(), depth + 1)}
-    if isinstance(x, (bytes, bytearray)):
-        return {"__bytes__": len(x), "text": bytes(x[:4096]).decode("latin1")}
-    return {"__object__": type(x).__name__, "repr": repr(x)[:4096]}
 
-
-def _write(path, record):
-    with _LOCK, open(path, "a") as f:
-        f.write(json.dumps(record) + "\\n")
-
-
-def _peer(fl_ctx):
-    peer = fl_ctx.get_peer_context()
-    return plain(peer.get_all_public_props()) if isinstance(peer, FLContext) else None
-
-
-class CaptureResults(Filter):
-    def __init__(self, path):
-        super().__init__()
-        self.path = path
-
-    def process(self, shareable, fl_ctx):
-        _write(self.path, {"what": "task_result", "task": fl_ctx.get_prop(FLContextKey.TASK_NAME),
-                           "site": shareable.get_peer_prop(ReservedKey.IDENTITY_NAME, None),
-                           "shareable": plain(dict(shareable)), "peer_ctx": _peer(fl_ctx)})
-        return shareable
-
-
-class CaptureEvents(FLComponent):
-    def __init__(self, path, event_types=("fed.analytix_log_stats",)):
-        super().__init__()
-        self.path, self.event_types = path, list(event_types)
-
-    def handle_event(self, event_type, fl_ctx):
-        if event_type in self.event_types:
-            data = fl_ctx.get_prop(FLContextKey.EVENT_DATA)
-            _write(self.path, {"what": "event", "event": event_type, "data": plain(data), "peer_ctx": _peer(fl_ctx)})
-'''
-
-
-def _site_configs(root, datalists):
-    for site, datalist in datalists.items():
-        (root / site / "local").mkdir(parents=True)
-        (root / site / "local" / "fssl_site.json").write_text(json.dumps({"datalist": datalist, "num_threads": 1}))
-    return root
 
 
 def _strings(node):
@@ -145,27 +72,9 @@ def _forbidden_words(datalists: dict, site_configs: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def captured(tmp_path_factory, synthetic_sites):
-    tmp_path = tmp_path_factory.mktemp("privacy")
-    capture_file = tmp_path / "captured.jsonl"
-    config = json.loads(json.dumps(TINY_3D))
-    job = customize_job("fssl_covid_seg", tmp_path / "jobs", rounds=2, config=config, job_name="privacy_capture")
-    (job / "app" / "custom" / "capture_filter.py").write_text(CAPTURE)
-    server_file = job / "app" / "config" / "config_fed_server.json"
-    server = json.loads(server_file.read_text())
-    server["task_result_filters"] = [{"tasks": ["train", "submit_model", "validate"], "filters": [
-        {"path": "capture_filter.CaptureResults", "args": {"path": str(capture_file)}}]}]
-    server["components"].append({"id": "capture_events", "path": "capture_filter.CaptureEvents",
-                                 "args": {"path": str(capture_file)}})
-    server_file.write_text(json.dumps(server, indent=1))
-
-    site_configs = _site_configs(tmp_path / "site_configs", synthetic_sites)
-    env = flare_env(tmp_path, FSSL_SITE_CONFIGS=str(site_configs))
-    proc = run_simulator(job, tmp_path / "ws", SITES, env)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
-    records = [json.loads(line) for line in capture_file.read_text().splitlines()]
-    return {"records": records, "config": config, "forbidden": _forbidden_words(synthetic_sites, site_configs),
-            "run": tmp_path / "ws" / "server" / "simulate_job"}
+def captured(simulated_fssl_job, synthetic_sites):
+    return {**simulated_fssl_job,
+            "forbidden": _forbidden_words(synthetic_sites, simulated_fssl_job["site_configs"])}
 
 
 def _results(captured, task):
@@ -371,7 +280,7 @@ def test_privacy_filters_run_on_updates_in_a_federated_job(tmp_path, synthetic_s
         {"path": "record_updates.RecordUpdates", "args": {"path": str(records_file)}}]}]
     server_file.write_text(json.dumps(server, indent=1))
 
-    env = flare_env(tmp_path, FSSL_SITE_CONFIGS=str(_site_configs(tmp_path / "site_configs", synthetic_sites)))
+    env = flare_env(tmp_path, FSSL_SITE_CONFIGS=str(write_site_configs(tmp_path / "site_configs", synthetic_sites)))
     proc = run_simulator(job, tmp_path / "ws", SITES, env)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-3000:]

@@ -1,7 +1,7 @@
-"""`fssl report` on a real job folder: the FLARE simulator runs the FSSL job (3 sites, 2 rounds, tiny data), then the
-report is built from what the job left (TensorBoard events, cross-site results, final model)."""
+"""`fssl report` on a real job folder: the FLARE simulator ran the FSSL job (3 sites, 2 rounds, tiny data: the run
+shared with the simulator and privacy tests), then the report is built from what the job left (TensorBoard events,
+cross-site results, final model)."""
 
-import copy
 import json
 import re
 import shutil
@@ -9,12 +9,10 @@ import shutil
 import matplotlib.image
 import pytest
 
-from conftest import TINY_3D
-from jobtools import flare_env, run_simulator, small_job
+from jobtools import SITES
 from fssl_covid import cli
 from fssl_covid.report import build_report
 
-SITES = ["china", "italy", "japan"]
 WITH_VALIDATION = ["china", "italy"]  # japan has no labeled validation scans (conftest.SMALL_SITES)
 ROUNDS = 2
 TRAIN_TAGS = ["train/loss", "train/sup_loss", "train/unsup_loss", "train/confident_fraction"]
@@ -22,24 +20,11 @@ VAL_TAGS = ["val/dice_global_model", "val/dice_local_model"]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def _site_configs(root, datalists):
-    for site, datalist in datalists.items():
-        (root / site / "local").mkdir(parents=True)
-        (root / site / "local" / "fssl_site.json").write_text(json.dumps({"datalist": datalist, "num_threads": 1}))
-    return root
-
-
 @pytest.fixture(scope="module")
-def job_dir(tmp_path_factory, synthetic_sites):
-    """A finished simulated FSSL job: ``<ws>/server/simulate_job``."""
-    tmp = tmp_path_factory.mktemp("report_job")
-    config = copy.deepcopy(TINY_3D)
-    config["ssl"]["warmup_epochs"] = 1
-    job = small_job("fssl_covid_seg", tmp / "jobs", rounds=ROUNDS, config=config)
-    env = flare_env(tmp, FSSL_SITE_CONFIGS=str(_site_configs(tmp / "site_configs", synthetic_sites)))
-    proc = run_simulator(job, tmp / "ws", SITES, env)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
-    return tmp / "ws" / "server" / "simulate_job"
+def job_dir(simulated_fssl_job):
+    """A finished simulated FSSL job (conftest.simulated_fssl_job): ``<ws>/server/simulate_job``."""
+    assert simulated_fssl_job["rounds"] == ROUNDS
+    return simulated_fssl_job["run"]
 
 
 def _images(markdown: str) -> list[str]:

@@ -6,31 +6,31 @@ import pytest
 import torch
 
 from conftest import TINY_3D
-from jobtools import flare_env, run_simulator, small_job
+from jobtools import SITES, flare_env, run_simulator, small_job, write_site_configs
 from fssl_covid.cli import main as fssl
 from fssl_covid.networks import build_network
 
-SITES = ["china", "italy", "japan"]
 
-
-def _site_configs(root, datalists):
-    for site, datalist in datalists.items():
-        (root / site / "local").mkdir(parents=True)
-        (root / site / "local" / "fssl_site.json").write_text(json.dumps({"datalist": datalist, "num_threads": 1}))
-    return root
-
-
-@pytest.mark.parametrize("job_name", ["fssl_covid_seg", "fedavg_supervised"])
-def test_job_runs_in_the_simulator(tmp_path, synthetic_sites, job_name):
-    config = {k: v for k, v in TINY_3D.items()}
-    config = json.loads(json.dumps(config))
-    config["ssl"]["warmup_epochs"] = 1
-    job = small_job(job_name, tmp_path / "jobs", rounds=2, config=config)
-    env = flare_env(tmp_path, FSSL_SITE_CONFIGS=str(_site_configs(tmp_path / "site_configs", synthetic_sites)))
+@pytest.fixture
+def simulated_job(request, tmp_path, synthetic_sites):
+    """(run folder, log, config) of the job in the simulator, 2 rounds; the FSSL job's run is shared with the report
+    and privacy tests (conftest.simulated_fssl_job), the baseline runs here."""
+    if request.param == "fssl_covid_seg":
+        run = request.getfixturevalue("simulated_fssl_job")
+        return run["run"], run["log"], run["config"]
+    config = json.loads(json.dumps(TINY_3D))
+    job = small_job(request.param, tmp_path / "jobs", rounds=2, config=config)
+    env = flare_env(tmp_path, FSSL_SITE_CONFIGS=str(write_site_configs(tmp_path / "site_configs", synthetic_sites)))
     proc = run_simulator(job, tmp_path / "ws", SITES, env)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-3000:]
-    run = tmp_path / "ws" / "server" / "simulate_job"
+    return tmp_path / "ws" / "server" / "simulate_job", log, config
+
+
+@pytest.mark.parametrize("simulated_job", ["fssl_covid_seg", "fedavg_supervised"], indirect=True)
+def test_job_runs_in_the_simulator(simulated_job, request):
+    job_name = request.node.callspec.params["simulated_job"]
+    run, log, config = simulated_job
 
     state = torch.load(run / "app_server" / "FL_global_model.pt", weights_only=True)["model"]
     build_network(**config["network"]).load_state_dict(state)  # the global model fits the configured network
@@ -56,15 +56,12 @@ def test_job_runs_in_the_simulator(tmp_path, synthetic_sites, job_name):
                     and "unsup 0.0000" not in line]
 
 
-def test_warm_start_continues_from_an_earlier_global_model(tmp_path, synthetic_sites):
+def test_warm_start_continues_from_an_earlier_global_model(tmp_path, simulated_fssl_job):
     """Job B, written with ``fssl job --init-model``, starts from job A's FL_global_model.pt instead of a fresh
     network: with a zero learning rate its global model is A's, and its sites score A's model in round 1."""
-    config = json.loads(json.dumps(TINY_3D))
-    env = flare_env(tmp_path, FSSL_SITE_CONFIGS=str(_site_configs(tmp_path / "site_configs", synthetic_sites)))
-    job_a = small_job("fssl_covid_seg", tmp_path / "jobs", rounds=1, config=config)
-    proc = run_simulator(job_a, tmp_path / "ws_a", SITES, env)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
-    model_a = tmp_path / "ws_a" / "server" / "simulate_job" / "app_server" / "FL_global_model.pt"
+    config = simulated_fssl_job["config"]  # job A: the shared 2-round FSSL run
+    env = flare_env(tmp_path, FSSL_SITE_CONFIGS=str(simulated_fssl_job["site_configs"]))
+    model_a = simulated_fssl_job["run"] / "app_server" / "FL_global_model.pt"
     state_a = torch.load(model_a, weights_only=True)["model"]
 
     settings = [f"{section}.{key}={json.dumps(value)}" for section, values in config.items()

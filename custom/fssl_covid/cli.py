@@ -7,6 +7,8 @@
     fssl site-config  write a site's settings (data location, device) into its FLARE startup kit
     fssl validate-data  check a site's datalist and every file in it; lists every problem at once
     fssl report    figures and tables of a finished FLARE job (markdown + self-contained HTML)
+    fssl watch     follow a running job: round, which sites reported, each site's loss and Dice (admin API)
+    fssl experiment  run a study (methods x sites matrix): synthetic3d (Study A) or real2d (Study B)
     fssl job       a submittable copy of a job in jobs/ with other rounds, settings or a warm-start model
 """
 
@@ -220,6 +222,23 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_watch(args) -> int:
+    from nvflare.fuel.flare_api.flare_api import new_secure_session
+
+    from .progress import watch
+
+    kit = Path(args.kit)
+    if not (kit / "startup").is_dir():
+        raise FileNotFoundError(f"--kit {kit}: not an admin startup kit (no startup/ folder in it)")
+    user = args.user or kit.name
+    session = new_secure_session(user, str(kit), timeout=args.connect_timeout)
+    try:
+        status = watch(session, args.job_id, interval=args.interval, once=args.once)
+    finally:
+        session.close()
+    return 0 if args.once or status.startswith("FINISHED") else 1
+
+
 def _dotted_settings(items: list[str] | None, flag: str, form: str, example: str, depth: int | None = None) -> dict:
     """``A.B=VALUE`` arguments as a nested dict; VALUE is JSON when it parses (else a string).  ``depth``: the
     exact number of dotted parts a key must have (None: at least two)."""
@@ -387,6 +406,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a site's datalist JSON for prediction overlays; repeat per site")
     p.add_argument("--overlays", type=int, default=3, metavar="N", help="labeled scans shown per site (default 3)")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("watch", help="follow a running job: round, sites' updates, each site's loss and Dice",
+                       description="Follow a job through FLARE's admin API (what `show_stats JOB_ID server` shows in "
+                                   "the console, read by the jobs' JobProgress component): the round, which sites' "
+                                   "updates arrived this round and whether the aggregator accepted them, and each "
+                                   "site's latest streamed training loss and validation Dice. Prints when something "
+                                   "changes, until the job ends (exit 0 when it FINISHED).")
+    p.add_argument("job_id")
+    p.add_argument("--kit", required=True, help="your admin startup kit folder (e.g. .../admin@nvidia.com)")
+    p.add_argument("--user", default=None, help="your admin user name (default: the kit folder's name)")
+    p.add_argument("--interval", type=float, default=10.0, help="seconds between polls (default 10)")
+    p.add_argument("--once", action="store_true", help="print the current state once and exit")
+    p.add_argument("--connect-timeout", type=float, default=30.0)
+    p.set_defaults(func=cmd_watch)
     return parser
 
 
