@@ -20,10 +20,13 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "custom"))
@@ -83,9 +86,14 @@ class Poc:
     def prepare(self, sites: list[str]) -> None:
         self.run("poc", "prepare", "-c", *sites, "--force")
 
-    def start(self) -> None:
+    def start(self, site: str | None = None, ready_timeout: int = 180) -> None:
+        """``nvflare poc start`` (one participant with ``site``), waiting up to ``ready_timeout`` s for readiness
+        (FLARE's default, 30 s, is short for a busy machine)."""
+        if site is None:
+            self.check_port_free()
         self.started = True
-        self.run("poc", "start", timeout=300)
+        self.run("poc", "start", *(["-p", site] if site else []), "--timeout", str(ready_timeout),
+                 timeout=ready_timeout + 120)
 
     def job_meta(self, job_id: str) -> dict:
         """The job's meta data through one admin API session kept open (each ``nvflare job meta`` would be a new
@@ -116,11 +124,69 @@ class Poc:
                 pass
         self._session = None
 
+    def server_port(self) -> int:
+        """The port the prepared POC server listens on (FLARE's default 8002), from its startup kit."""
+        fed_server = self.kits / "server" / "startup" / "fed_server.json"
+        try:
+            target = json.loads(fed_server.read_text())["servers"][0]["service"]["target"]
+            return int(str(target).rsplit(":", 1)[1])
+        except (OSError, KeyError, IndexError, ValueError, json.JSONDecodeError):
+            return 8002
+
+    def check_port_free(self) -> None:
+        """Refuse to start when the server's port is taken (an earlier POC left running, another service): FLARE's
+        server would retry binding forever and ``poc start`` would only report an unreachable server."""
+        port = self.server_port()
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            if probe.connect_ex(("127.0.0.1", port)) != 0:
+                return
+        holder = ""
+        try:
+            for conn in psutil.net_connections(kind="tcp"):
+                if conn.laddr and conn.laddr.port == port and conn.status == psutil.CONN_LISTEN and conn.pid:
+                    proc = psutil.Process(conn.pid)
+                    holder = f" by process {conn.pid} ({' '.join(proc.cmdline())[:300]})"
+                    break
+        except (psutil.Error, OSError):
+            pass
+        raise DemoError(f"port {port}, which the POC server needs, is already in use{holder}. Stop that process "
+                        f"(an earlier POC: `nvflare poc stop` with its NVFLARE_POC_WORKSPACE) and run again.")
+
+    def _own_processes(self) -> list:
+        """Processes started from this POC workspace that are still alive."""
+        workspace = str(Path(self.env["NVFLARE_POC_WORKSPACE"]))
+        own = []
+        for proc in psutil.process_iter(["cmdline"]):
+            try:
+                if workspace in " ".join(proc.info["cmdline"] or []):
+                    own.append(proc)
+            except psutil.Error:
+                continue
+        return own
+
     def stop_and_clean(self) -> None:
         self.close_session()
         if not self.started:
             return
         self.run("poc", "stop", check=False, timeout=120)
+        deadline = time.time() + 60
+        while self._own_processes() and time.time() < deadline:
+            time.sleep(2)
+        leftovers = self._own_processes()
+        if leftovers:  # `poc stop` could not reach them (e.g. a server that never came up): end them here
+            print(f"{len(leftovers)} POC processes still running 60 s after `poc stop`: terminating them",
+                  file=sys.stderr)
+            for proc in leftovers:
+                try:
+                    proc.terminate()
+                except psutil.Error:
+                    pass
+            _, alive = psutil.wait_procs(leftovers, timeout=15)
+            for proc in alive:
+                try:
+                    proc.kill()
+                except psutil.Error:
+                    pass
         for _ in range(20):  # `poc clean` refuses while the sub_start wrappers are still shutting down
             out = self.run("poc", "clean", check=False, timeout=60)
             if not Path(self.env["NVFLARE_POC_WORKSPACE"]).exists():

@@ -18,7 +18,8 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 COVID_SEMISEG = SHARED_DATA / "covid_semiseg"
 MOSMED = SHARED_DATA / "mosmed_masks"
 
-os.environ.setdefault("OMP_NUM_THREADS", "2")
+# `make test` runs two pytest-xdist workers on CI's 2 cores: one torch thread each (two without xdist)
+os.environ.setdefault("OMP_NUM_THREADS", "1" if os.environ.get("PYTEST_XDIST_WORKER") else "2")
 
 from fssl_covid.synthetic import SiteSpec, make_federation  # noqa: E402
 
@@ -47,6 +48,22 @@ TINY_2D = {
     "ssl": {"warmup_epochs": 0, "rampup_epochs": 1},
     "train": {"batch_size": 2, "unlabeled_batch_size": 2, "iterations_per_epoch": 2, "epochs": 1},
 }
+
+
+POC_MODULES = ("test_poc.py", "test_poc_failures.py", "test_provisioned.py")
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the marks
+def pytest_collection_modifyitems(config, items):
+    """Mark ``poc`` the tests that start FLARE's server and clients as processes on localhost's fixed ports: `make
+    test` runs them after the others, one at a time and beside nothing else (under a second worker's load their
+    start-up timed out here).  The readers of the one simulated FSSL job share an xdist group (the job runs once)."""
+    for item in items:
+        module = Path(str(item.fspath)).name
+        if module in POC_MODULES:
+            item.add_marker(pytest.mark.poc)
+        elif "simulated_fssl_job" in getattr(item, "fixturenames", ()) or module == "test_simulator.py":
+            item.add_marker(pytest.mark.xdist_group("simulated_fssl_job"))
 
 
 @pytest.fixture(scope="session")

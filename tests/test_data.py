@@ -40,6 +40,30 @@ def test_2d_slices_with_singleton_axis_are_resized(tmp_path, tiny_2d):
     assert tuple(unl["image"].shape) == (1, 64, 64)
 
 
+def test_percentile_normalization_aligns_differently_windowed_slices(tmp_path, tiny_2d):
+    """The same slice displayed with another window (darker, less contrast, as coronacases vs italy) is the same
+    image after per-image percentile scaling; the fixed window keeps the difference."""
+    import nibabel as nib
+
+    path = write_slice_site(tmp_path, 1, 0)
+    case = load_datalist(path)["training"][0]
+    img = nib.load(case["image"])
+    dark = np.asarray(img.dataobj).astype(np.float32) * 0.45 + 5  # another display window of the same tissue
+    dark_case = {**case, "image": str(tmp_path / "dark_image.nii.gz")}
+    nib.save(nib.Nifti1Image(dark.astype(np.uint8), img.affine), dark_case["image"])
+
+    def prepared(normalization, c):
+        cfg = resolve_config({**tiny_2d, "data": {**tiny_2d["data"], "intensity_normalization": normalization}})
+        return Compose(preprocessing(cfg))(c)["image"]
+
+    assert float((prepared("window", case) - prepared("window", dark_case)).abs().mean()) > 0.1
+    a, b = prepared("percentile", case), prepared("percentile", dark_case)
+    assert 0.0 <= float(a.min()) < 0.1 and 0.9 < float(a.max()) <= 1.0  # (resized after scaling)
+    assert float((a - b).abs().mean()) < 0.02  # equal up to the 8-bit rounding of the darker copy
+    with pytest.raises(ValueError, match="intensity_normalization"):
+        resolve_config({"data": {"intensity_normalization": "zscore"}})
+
+
 @pytest.mark.skipif(not COVID_SEMISEG.is_dir(), reason="real COVID-SemiSeg slices not present")
 def test_real_covid_semiseg_slices_load(tiny_2d):
     cfg = resolve_config(tiny_2d)

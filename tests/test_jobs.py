@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from jobtools import JOBS, ROOT, customize_job
+from jobtools import JOBS, ROOT, customize_job, job_training_config
 from fssl_covid.config import resolve_config
 
 JOB_DIRS = sorted(p.parent for p in JOBS.glob("*/meta.json"))
@@ -126,3 +126,23 @@ def test_fssl_job_privacy_writes_filters_updates_and_aggregator_kind(tmp_path):
     assert chain["filters"][1]["args"] == {"percentile": 20, "gamma": 0.01}
     aggregator, = [c for c in server["components"] if c["id"] == "aggregator"]
     assert aggregator["args"]["expected_data_kind"] == "WEIGHT_DIFF"
+
+
+def test_a_jobs_training_config_is_found_from_its_folder_or_client_config(tmp_path):
+    from fssl_covid.config import ConfigError, load_config
+
+    job = JOBS / "fssl_covid_seg"
+    from_folder = load_config(job)
+    from_file = load_config(job / "app" / "config" / "config_fed_client.json")
+    assert from_folder == from_file == resolve_config(job_training_config(job))
+    assert from_folder != load_config(None)  # the job's values, not the defaults
+
+    other = tmp_path / "config_fed_client.json"  # a FLARE client config of some other app
+    other.write_text(json.dumps({"format_version": 2, "executors": [
+        {"tasks": ["train"], "executor": {"path": "some.OtherExecutor", "args": {}}}]}))
+    with pytest.raises(ConfigError, match="without an FSSLExecutor"):
+        load_config(other)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ConfigError, match="without a job's config_fed_client.json"):
+        load_config(empty)

@@ -63,7 +63,7 @@ def test_site_lost_mid_round_others_finish_and_it_rejoins_the_next_job(tmp_path,
         # The site comes back (its admin restarts it).  It does not re-enter the running job, but its report of
         # running no such job lets the server close the job; without it FLARE waits for the lost site's outcome
         # until the server's heart_beat_timeout (600 s by default).
-        poc.run("poc", "start", "-p", "italy", timeout=300)
+        poc.start("italy")
 
         # FLARE 2.9 finishes the job once the others are done; the lost site's missing outcome makes it ABNORMAL
         assert poc.follow(job_id, timeout=600) in ("FINISHED:COMPLETED", "FINISHED:ABNORMAL")

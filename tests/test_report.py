@@ -5,6 +5,7 @@ cross-site results, final model)."""
 import json
 import re
 import shutil
+from pathlib import Path
 
 import matplotlib.image
 import pytest
@@ -124,3 +125,29 @@ def test_missing_pieces_give_notes_not_errors(job_dir, tmp_path):
     text = md.read_text()
     assert _images(text) == ["cross_site.png"] and "No TensorBoard events" in text
     assert "No overlays: FL_global_model.pt is not in this job folder" in text
+
+
+def test_a_site_segments_new_scans_with_the_jobs_global_model(job_dir, synthetic_sites, tmp_path, capsys):
+    """`fssl predict` on a job's FL_global_model.pt (which carries no config): the job's own training config beside it
+    is used, or named with --config (the job folder); masks on each input's own grid, next to nothing else."""
+    import nibabel as nib
+    import numpy as np
+    from fssl_covid.data import load_datalist
+
+    scans = [Path(c["image"]) for c in load_datalist(synthetic_sites["japan"])["unlabeled"][:2]]
+    model = job_dir / "app_server" / "FL_global_model.pt"
+    assert cli.main(["predict", "--model", str(model), "--input", *map(str, scans), "--out", str(tmp_path / "a"),
+                     "--device", "cpu"]) == 0
+    for scan in scans:
+        mask = nib.load(tmp_path / "a" / scan.name)
+        assert mask.shape == nib.load(scan).shape and np.allclose(mask.affine, nib.load(scan).affine)
+        assert set(np.unique(np.asarray(mask.dataobj))) <= {0, 1}
+
+    lone = tmp_path / "FL_global_model.pt"  # the model file alone: no config beside it
+    shutil.copy(model, lone)
+    assert cli.main(["predict", "--model", str(lone), "--input", str(scans[0]), "--out", str(tmp_path / "b")]) == 2
+    assert "carries no configuration" in capsys.readouterr().err
+    assert cli.main(["predict", "--model", str(lone), "--config", str(job_dir), "--input", str(scans[0]),
+                     "--out", str(tmp_path / "b")]) == 0
+    np.testing.assert_array_equal(np.asarray(nib.load(tmp_path / "b" / scans[0].name).dataobj),
+                                  np.asarray(nib.load(tmp_path / "a" / scans[0].name).dataobj))

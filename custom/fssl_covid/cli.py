@@ -37,6 +37,11 @@ def config_path(name_or_path: str | None) -> Path | None:
     return p
 
 
+CHECKPOINT_CONFIG_HELP = ("for checkpoints that carry no config: a config JSON, a preset name, or the FLARE job's "
+                          "folder / config_fed_client.json (not needed for a downloaded job's "
+                          "app_server/FL_global_model.pt: the job's config beside it is used)")
+
+
 def _presets() -> str:
     return ", ".join(sorted(p.stem for p in PRESETS_DIR.glob("*.json")))
 
@@ -308,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="Dice of a checkpoint on a datalist",
                        description="Print {'val_dice', 'val_cases'} of a checkpoint on one key of a datalist.")
     p.add_argument("--model", required=True, help="checkpoint (.pt) from fssl train or a FLARE job")
-    p.add_argument("--config", default=None, help="config for checkpoints that carry none (FLARE's FL_global_model.pt)")
+    p.add_argument("--config", default=None, help=CHECKPOINT_CONFIG_HELP)
     p.add_argument("--datalist", required=True)
     p.add_argument("--data-root", default=None)
     p.add_argument("--key", default="validation", choices=["training", "validation", "test"])
@@ -319,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="For every input NIfTI, write a NIfTI with the same shape, affine and file "
                                    "name into --out: a 0/1 mask, or the lesion probability with --probabilities.")
     p.add_argument("--model", required=True, help="checkpoint (.pt)")
-    p.add_argument("--config", default=None, help="config for checkpoints that carry none")
+    p.add_argument("--config", default=None, help=CHECKPOINT_CONFIG_HELP)
     p.add_argument("--input", nargs="+", required=True, help="NIfTI files or folders")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--probabilities", action="store_true", help="write float lesion probabilities")

@@ -19,6 +19,10 @@ DEFAULTS: dict[str, Any] = {
         # Input intensity window mapped linearly to 0..1 and clipped (lung window in HU for CT;
         # [0, 255] for 8-bit display slices such as COVID-SemiSeg).
         "intensity_range": [-1000.0, 500.0],
+        # How intensities become 0..1: "window" maps intensity_range linearly (HU are comparable between scanners);
+        # "percentile" maps each image's own 0.5th..99.5th percentiles (for display-windowed 8-bit slices whose
+        # window differs per source, e.g. COVID-SemiSeg: mean 140 at italy, 59 at coronacases).
+        "intensity_normalization": "window",
         # 3D only: target voxel size in mm (null: keep the file's grid) and orientation.
         "spacing": [1.5, 1.5, 3.0],
         "orientation": "RAS",
@@ -147,17 +151,51 @@ def resolve_config(partial: Mapping | None = None) -> dict:
     return cfg
 
 
+def job_training_config(where: str | Path) -> dict | None:
+    """The sites' training configuration of a FLARE job: ``args.config`` of the FSSLExecutor in the job's
+    ``config_fed_client.json``.  ``where``: that file, a job folder (``jobs/<name>``), a downloaded job (the
+    server's copy ``workspace/app_server/config/`` first) or a simulator's run folder.  None when there is none."""
+    where = Path(where)
+    if where.is_file():
+        candidates = [where]
+    elif where.is_dir():
+        candidates = sorted(where.rglob("config_fed_client.json"),
+                            key=lambda p: ("app_server" not in p.parts, len(p.parts)))
+    else:
+        return None
+    for path in candidates:
+        try:
+            client = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            continue
+        for entry in client.get("executors", []) if isinstance(client, dict) else []:
+            executor = entry.get("executor", {}) if isinstance(entry, dict) else {}
+            if str(executor.get("path", "")).endswith("FSSLExecutor"):
+                return dict(executor.get("args", {}).get("config") or {})
+    return None
+
+
 def load_config(path: str | Path | None) -> dict:
-    """Read a JSON configuration file (partial is fine) and resolve it; ``None`` gives the defaults."""
+    """Read a configuration and resolve it; ``None`` gives the defaults.  ``path``: a JSON configuration file
+    (partial is fine), or a FLARE job's ``config_fed_client.json`` or job folder (its sites' training config)."""
     if path is None:
         return resolve_config()
     path = Path(path)
-    try:
-        partial = json.loads(path.read_text())
-    except FileNotFoundError as e:
-        raise ConfigError(f"configuration file {path} does not exist") from e
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"configuration file {path} is not valid JSON: {e}") from e
+    if path.is_dir():
+        partial = job_training_config(path)
+        if partial is None:
+            raise ConfigError(f"{path}: a folder without a job's config_fed_client.json (FSSLExecutor) in it")
+    else:
+        try:
+            partial = json.loads(path.read_text())
+        except FileNotFoundError as e:
+            raise ConfigError(f"configuration file {path} does not exist") from e
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"configuration file {path} is not valid JSON: {e}") from e
+        if isinstance(partial, dict) and "executors" in partial:  # a job's config_fed_client.json
+            partial = job_training_config(path)
+            if partial is None:
+                raise ConfigError(f"{path}: a FLARE client config without an FSSLExecutor")
     try:
         return resolve_config(partial)
     except ConfigError as e:
@@ -178,6 +216,9 @@ def _check(cfg: dict) -> None:
     lo, hi = data["intensity_range"]
     if not lo < hi:
         raise ConfigError(f"data.intensity_range {data['intensity_range']} must be [low, high] with low < high")
+    if data["intensity_normalization"] not in ("window", "percentile"):
+        raise ConfigError("data.intensity_normalization must be 'window' or 'percentile', got "
+                          f"'{data['intensity_normalization']}'")
     if net["name"] not in ("unet", "segresnet"):
         raise ConfigError(f"network.name must be 'unet' or 'segresnet', got '{net['name']}'")
     if ssl["teacher"] not in ("global", "ema"):

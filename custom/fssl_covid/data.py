@@ -31,6 +31,7 @@ from monai.transforms import (
     RandSpatialCropSamplesd,
     Resized,
     ScaleIntensityRanged,
+    ScaleIntensityRangePercentilesd,
     Spacingd,
     SpatialPadd,
 )
@@ -132,7 +133,7 @@ def _source_name(x) -> str:
 
 def preprocessing(cfg: Mapping, keys: Sequence[str] = ("image", "label"), pad: bool = True) -> list:
     """Deterministic preprocessing (cached): load, channel first, 2D/3D check, orientation and spacing (3D),
-    intensity window to 0..1, label binarization, resize (2D) or pad to the patch size (3D training)."""
+    intensity window (or the image's own percentiles) to 0..1, label binarization, resize (2D) or pad to the patch size (3D training)."""
     data = cfg["data"]
     dims = data["spatial_dims"]
     keys = list(keys)
@@ -149,7 +150,11 @@ def preprocessing(cfg: Mapping, keys: Sequence[str] = ("image", "label"), pad: b
             xforms.append(Orientationd(keys=keys, axcodes=data["orientation"]))
         if data["spacing"]:
             xforms.append(Spacingd(keys=keys, pixdim=data["spacing"], mode=modes))
-    xforms.append(ScaleIntensityRanged(keys="image", a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True))
+    if data["intensity_normalization"] == "percentile":
+        xforms.append(ScaleIntensityRangePercentilesd(keys="image", lower=0.5, upper=99.5, b_min=0.0, b_max=1.0,
+                                                      clip=True))
+    else:
+        xforms.append(ScaleIntensityRanged(keys="image", a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True))
     if has_label:
         xforms.append(BinarizeLabeld(keys="label"))
     if dims == 2:

@@ -128,8 +128,12 @@ def _check_fits(checkpoint: Path, config: dict) -> None:
 
 def job_training_config(job: Path) -> dict:
     """The sites' training configuration of a job folder (the executor's ``config`` argument)."""
-    client = json.loads((Path(job) / "app" / "config" / "config_fed_client.json").read_text())
-    return client["executors"][0]["executor"]["args"]["config"]
+    from .config import ConfigError, job_training_config as find
+
+    cfg = find(Path(job) / "app" / "config" / "config_fed_client.json")
+    if cfg is None:
+        raise ConfigError(f"job {job}: no FSSLExecutor config in app/config/config_fed_client.json")
+    return cfg
 
 
 def write_site_configs(root: Path, settings: dict[str, dict]) -> Path:

@@ -28,6 +28,7 @@ from typing import Mapping
 
 import numpy as np
 
+from .config import job_training_config
 from .results import GLOBAL_ROWS, _model_label, find_job_outputs, load_cross_site
 
 TRAIN_TAGS = ("train/loss", "train/sup_loss", "train/unsup_loss", "train/confident_fraction")
@@ -90,23 +91,6 @@ def job_meta(job_dir: Path) -> dict:
         if meta.get("name") and not first_named:
             first_named = {"name": meta["name"]}
     return first_named
-
-
-def job_training_config(job_dir: Path) -> dict | None:
-    """The training configuration of the job: ``args.config`` of the FSSLExecutor in its ``config_fed_client.json``
-    (the server's copy ``app_server/config/`` first)."""
-    candidates = sorted(job_dir.rglob("config_fed_client.json"),
-                        key=lambda p: ("app_server" not in p.parts, len(p.parts)))
-    for path in candidates:
-        try:
-            client = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        for entry in client.get("executors", []):
-            executor = entry.get("executor", {})
-            if str(executor.get("path", "")).endswith("FSSLExecutor"):
-                return dict(executor.get("args", {}).get("config") or {})
-    return None
 
 
 def best_model_selection(server_log: Path | None) -> tuple[int, float] | None:

@@ -344,8 +344,13 @@ def load_checkpoint(path: str | Path, config: Mapping | None = None) -> tuple[di
     if not isinstance(state, dict):
         raise ValueError(f"checkpoint {path} holds no state dict")
     cfg = config if config is not None else ckpt.get("config")
+    if cfg is None:  # FLARE's app_server/FL_global_model.pt: the job's config sits beside it in app_server/config/
+        from .config import job_training_config
+
+        cfg = job_training_config(path.parent / "config" / "config_fed_client.json")
     if cfg is None:
-        raise ValueError(f"checkpoint {path} carries no configuration: pass one (--config)")
+        raise ValueError(f"checkpoint {path} carries no configuration and no job config is beside it: pass one "
+                         "(--config: a config JSON, or the job's folder or config_fed_client.json)")
     return state, resolve_config(cfg)
 
 
