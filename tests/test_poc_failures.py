@@ -3,7 +3,9 @@ site, started again, takes part in the next job (real server and client processe
 
 import json
 import os
+import re
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -59,7 +61,14 @@ def test_site_lost_mid_round_others_finish_and_it_rejoins_the_next_job(tmp_path,
         assert victims
         for p in victims:  # the whole site: client parent and its job process, no goodbye sent
             os.kill(p.pid, signal.SIGKILL)
-        time.sleep(10)
+        # the FL admin's view while the job goes on without italy: `fssl watch` through the admin API
+        t0 = time.time()
+        watch = subprocess.run([sys.executable, "-m", "fssl_covid.cli", "watch", job_id, "--once",
+                                "--kit", str(poc.kits / "admin@nvidia.com")], env=poc.env, capture_output=True,
+                               text=True, timeout=120, stdin=subprocess.DEVNULL)
+        assert watch.returncode == 0, watch.stdout + watch.stderr
+        assert f"job {job_id} RUNNING" in watch.stdout and re.search(r"round [23] of 3 \(", watch.stdout), watch.stdout
+        time.sleep(max(0.0, 10 - (time.time() - t0)))
         # The site comes back (its admin restarts it).  It does not re-enter the running job, but its report of
         # running no such job lets the server close the job; without it FLARE waits for the lost site's outcome
         # until the server's heart_beat_timeout (600 s by default).

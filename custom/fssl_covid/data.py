@@ -133,7 +133,8 @@ def _source_name(x) -> str:
 
 def preprocessing(cfg: Mapping, keys: Sequence[str] = ("image", "label"), pad: bool = True) -> list:
     """Deterministic preprocessing (cached): load, channel first, 2D/3D check, orientation and spacing (3D),
-    intensity window (or the image's own percentiles) to 0..1, label binarization, resize (2D) or pad to the patch size (3D training)."""
+    intensity window (or the image's own percentiles) to 0..1, label binarization, resize (2D) or pad to the patch
+    size (3D training)."""
     data = cfg["data"]
     dims = data["spatial_dims"]
     keys = list(keys)
