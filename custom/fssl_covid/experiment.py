@@ -182,7 +182,7 @@ def run_federated(study: Study, method: str, seed: int, out: Path, device: str) 
     from .jobs import deep_update
 
     deep_update(cfg, config_patch)
-    run_dir = out / method
+    run_dir = (out / method).resolve()  # FLARE's processes run elsewhere: every path they are given is absolute
     sites = list(study.sites)
     datalists = {}
     for site, data in study.sites.items():
