@@ -83,6 +83,7 @@ def test_nvflare_job_monitor_finds_the_site_metrics():
     from nvflare.tool.job.job_cli import _build_monitor_key_aliases, _extract_monitor_metrics
 
     progress = JobProgress()
+    progress.handle_event(EventType.START_RUN, FLContext())
     _metric_event(progress, "china", "val/dice_global_model", 0.61, 2)
     _metric_event(progress, "china", "train/loss", 0.25, 2)
     stats = {"server": {"scatter_and_gather": {"phase": "train", "current_round": 2, "num_rounds": 8},

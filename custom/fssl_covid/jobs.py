@@ -12,6 +12,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from .config import ConfigError, job_training_config as find_training_config
+
 REPO = Path(__file__).resolve().parents[2]
 JOBS = REPO / "jobs"
 
@@ -128,9 +130,7 @@ def _check_fits(checkpoint: Path, config: dict) -> None:
 
 def job_training_config(job: Path) -> dict:
     """The sites' training configuration of a job folder (the executor's ``config`` argument)."""
-    from .config import ConfigError, job_training_config as find
-
-    cfg = find(Path(job) / "app" / "config" / "config_fed_client.json")
+    cfg = find_training_config(Path(job) / "app" / "config" / "config_fed_client.json")
     if cfg is None:
         raise ConfigError(f"job {job}: no FSSLExecutor config in app/config/config_fed_client.json")
     return cfg

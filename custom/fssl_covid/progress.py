@@ -16,13 +16,12 @@ import time
 
 from nvflare.apis.analytix import ANALYTIC_EVENT_TYPE, AnalyticsData
 from nvflare.apis.dxo import from_shareable
-from nvflare.apis.event_type import EventType
-from nvflare.apis.fl_component import FLComponent
-from nvflare.apis.fl_constant import EventScope, FLContextKey, ReservedKey
+from nvflare.apis.fl_constant import ReservedKey
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
 from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.app_event_type import AppEventType
+from nvflare.app_common.widgets.streaming import AnalyticsReceiver
 from nvflare.widgets.info_collector import GroupInfoCollector, InfoCollector
 
 GROUP = "fssl_progress"
@@ -31,28 +30,32 @@ GROUP = "fssl_progress"
 TAGS = {"train/loss": "loss", "val/dice_global_model": "val_dice_received", "val/dice_local_model": "val_dice_local"}
 
 
-class JobProgress(FLComponent):
+class JobProgress(AnalyticsReceiver):
+    """FLARE's ``AnalyticsReceiver`` (which finds each record's site and filters the events) keeping the latest
+    values in memory instead of writing them, plus the round and the sites' updates from scatter-gather's events."""
+
     def __init__(self, events: list[str] | None = None):
         """Args:
         events: analytics events to read the sites' streamed metrics from (default: the federated
             ``analytix_log_stats`` event that ``TBAnalyticsReceiver`` also records).
         """
-        super().__init__()
-        self.events = list(events) if events else [f"fed.{ANALYTIC_EVENT_TYPE}"]
+        super().__init__(events=events or [f"fed.{ANALYTIC_EVENT_TYPE}"])
         self._lock = threading.Lock()
-        self._reset()
+        self.initialize(None)
 
-    def _reset(self) -> None:
-        self.round = None
-        self.round_started = None
-        self.reported: dict[str, str] = {}
-        self.sites: dict[str, dict] = {}
+    def initialize(self, fl_ctx: FLContext | None):
+        with self._lock:
+            self.round = None
+            self.round_started = None
+            self.reported: dict[str, str] = {}
+            self.sites: dict[str, dict] = {}
+
+    def finalize(self, fl_ctx: FLContext):
+        pass  # nothing to close: the values stay readable until the next run starts
 
     def handle_event(self, event_type: str, fl_ctx: FLContext):
-        if event_type == EventType.START_RUN:
-            with self._lock:
-                self._reset()
-        elif event_type == AppEventType.ROUND_STARTED:
+        super().handle_event(event_type, fl_ctx)  # START_RUN -> initialize, analytics events -> save
+        if event_type == AppEventType.ROUND_STARTED:
             with self._lock:
                 self.round = fl_ctx.get_prop(AppConstants.CURRENT_ROUND)
                 self.round_started = time.time()
@@ -64,34 +67,25 @@ class JobProgress(FLComponent):
                 accepted = bool(fl_ctx.get_prop(AppConstants.AGGREGATION_ACCEPTED, False))
                 with self._lock:
                     self.reported[site] = "accepted" if accepted else "rejected"
-        elif event_type in self.events:
-            self._record_metric(fl_ctx)
         elif event_type == InfoCollector.EVENT_TYPE_GET_STATS:
             collector = fl_ctx.get_prop(InfoCollector.CTX_KEY_STATS_COLLECTOR, None)
             if isinstance(collector, GroupInfoCollector):
                 collector.add_info(group_name=GROUP, info=self.snapshot())
 
-    def _record_metric(self, fl_ctx: FLContext) -> None:
-        data = fl_ctx.get_prop(FLContextKey.EVENT_DATA, None)
-        if not isinstance(data, Shareable):
-            return
-        if fl_ctx.get_prop(FLContextKey.EVENT_SCOPE) == EventScope.FEDERATION:
-            site = data.get_peer_prop(ReservedKey.IDENTITY_NAME, None)
-        else:
-            site = fl_ctx.get_identity_name()
+    def save(self, fl_ctx: FLContext, shareable: Shareable, record_origin: str):
         try:
-            record = AnalyticsData.from_dxo(from_shareable(data))
+            record = AnalyticsData.from_dxo(from_shareable(shareable))
         except Exception:  # not an analytics record: nothing to show
             return
         name = TAGS.get(record.tag)
-        if not site or name is None:
+        if name is None:
             return
         try:
             value = float(record.value)
         except (TypeError, ValueError):
             return
         with self._lock:
-            entry = self.sites.setdefault(site, {})
+            entry = self.sites.setdefault(record_origin, {})
             entry[name] = round(value, 4)
             if record.step is not None:
                 entry["round"] = int(record.step)
@@ -157,13 +151,11 @@ def job_progress_lines(session, job_id: str) -> list[str]:
         return []
 
 
-def watch(session, job_id: str, interval: float = 10.0, timeout: float | None = None, once: bool = False,
-          out=print) -> str:
+def watch(session, job_id: str, interval: float = 10.0, once: bool = False, out=print) -> str:
     """Print the job's status and progress whenever it changes, until it ends; returns the final status.
 
     ``session``: an open FLARE admin API session (``nvflare.fuel.flare_api.flare_api.new_secure_session``).
     """
-    deadline = None if timeout is None else time.time() + timeout
     last = None
     while True:
         meta = session.get_job_meta(job_id) or {}
@@ -173,7 +165,5 @@ def watch(session, job_id: str, interval: float = 10.0, timeout: float | None = 
             out("\n".join(block))
             last = block
         if once or status.startswith(FINAL_STATES):
-            return status
-        if deadline is not None and time.time() > deadline:
             return status
         time.sleep(interval)

@@ -22,7 +22,7 @@ from monai.losses import DiceCELoss
 from monai.metrics import DiceMetric
 from monai.utils import set_determinism
 
-from .config import resolve_config
+from .config import job_training_config, resolve_config
 from .data import evaluation_dataset, evaluation_loader, infinite_batches, loader_workers, training_dataset
 from .networks import build_network, weights_mismatch
 from .ssl import ConsistencyObjective, Perturbation, unsup_weight
@@ -345,8 +345,6 @@ def load_checkpoint(path: str | Path, config: Mapping | None = None) -> tuple[di
         raise ValueError(f"checkpoint {path} holds no state dict")
     cfg = config if config is not None else ckpt.get("config")
     if cfg is None:  # FLARE's app_server/FL_global_model.pt: the job's config sits beside it in app_server/config/
-        from .config import job_training_config
-
         cfg = job_training_config(path.parent / "config" / "config_fed_client.json")
     if cfg is None:
         raise ValueError(f"checkpoint {path} carries no configuration and no job config is beside it: pass one "
