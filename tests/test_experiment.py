@@ -26,7 +26,7 @@ def _check_results(out, methods, sites, floor):
         assert by_seed["0"]["curve"], method
     table = (out / "results.md").read_text()
     assert all(f"| {m} |" in table for m in methods)
-    for png in ("dice_per_round.png", "cross_site_matrix.png"):
+    for png in ["dice_per_round.png", "cross_site_matrix.png", *(f"overlays_{s}.png" for s in sites)]:
         assert (out / png).stat().st_size > 5000
     return results
 
@@ -35,8 +35,15 @@ def _check_results(out, methods, sites, floor):
 def test_quick_real2d_study(tmp_path):
     out = tmp_path / "b"
     methods = ["local", "centralized_ssl", "fssl"]
-    assert fssl(["experiment", "real2d", "--quick", "--out", str(out), "--methods", *methods]) == 0
+    assert fssl(["experiment", "real2d", "--quick", "--out", str(out), "--methods", *methods,
+                 "--labeled-weight", "10", "--set", "ssl.unsup_weight=0.5"]) == 0
     results = _check_results(out, methods, ["italy"], floor=0.2)
+    # the settings reach every method, the federated one through its FLARE job's client config
+    assert results["executor_args"] == {"labeled_weight": 10.0} and results["config"]["ssl"]["unsup_weight"] == 0.5
+    client = json.loads((out / "seed0" / "fssl" / "job" / "fssl" / "app" / "config" / "config_fed_client.json")
+                        .read_text())
+    executor = client["executors"][0]["executor"]["args"]
+    assert executor["labeled_weight"] == 10.0 and executor["config"]["ssl"]["unsup_weight"] == 0.5
     split = json.loads((out / "split.json").read_text())
     assert len(split["italy_validation_indices"]) == 10
     ckpt = torch.load(out / "seed0" / "fssl" / "model_best.pt", weights_only=True)
@@ -52,3 +59,29 @@ def test_quick_synthetic3d_study(tmp_path):
     results = _check_results(out, ["local_china", "local_italy", "centralized", "fssl"],
                              ["china", "italy", "japan"], floor=0.05)
     assert results["methods"]["fssl"]["0"]["trained_at"] == ["china", "italy", "japan"]
+
+
+def test_experiment_refuses_bad_settings_before_training(tmp_path, capsys):
+    out = tmp_path / "bad"
+    assert fssl(["experiment", "synthetic3d", "--quick", "--out", str(out), "--set", "train.no_such_key=1"]) == 2
+    assert "no_such_key" in capsys.readouterr().err
+    assert not (out / "results.json").exists() and not (out / "seed0").exists()
+    assert fssl(["experiment", "synthetic3d", "--quick", "--out", str(out), "--set", "lr=0.1"]) == 2
+    assert "SECTION.KEY=VALUE" in capsys.readouterr().err
+    assert fssl(["experiment", "synthetic3d", "--quick", "--out", str(out), "--labels-per-site", "none"]) == 2
+    assert "--labels-per-site 'none'" in capsys.readouterr().err
+
+
+def test_study_a_labels_per_site_moves_masks_to_unlabeled(tmp_path):
+    from fssl_covid.experiment import study_synthetic3d
+
+    full = study_synthetic3d(tmp_path / "full", quick=True).sites
+    few = study_synthetic3d(tmp_path / "few", quick=True, labels_per_site=1).sites
+    assert [len(full[s]["training"]) for s in ("china", "italy", "japan")] == [6, 4, 0]
+    for site in full:
+        n_moved = len(full[site]["training"]) - len(few[site]["training"])
+        assert len(few[site]["training"]) == min(1, len(full[site]["training"]))
+        assert len(few[site]["unlabeled"]) == len(full[site]["unlabeled"]) + n_moved
+        assert all("label" not in c for c in few[site]["unlabeled"])  # the moved scans train without their masks
+        assert [c["image"].split("/")[-1] for c in few[site]["test"]] == \
+            [c["image"].split("/")[-1] for c in full[site]["test"]]  # test scans are untouched

@@ -46,3 +46,24 @@ def test_fssl_job_in_poc_learns_and_delivers_results(tmp_path, synthetic_sites):
     # live progress came from the server's JobProgress through the admin API (show_stats), not from log files
     assert re.search(r"round [1-4] of 4 \(", out), out[-4000:]
     assert re.search(r"(china|italy): round [1-4], loss \d+\.\d+", out), out[-4000:]
+
+
+def test_experiment_runs_federated_methods_in_poc(tmp_path):
+    """`fssl experiment --poc`: the study's federated method runs as real POC processes, learns, and its results
+    (global model, round curve from the sites' logs) land in the study's folder; POC is stopped and cleaned."""
+    from fssl_covid.cli import main as fssl
+
+    out = tmp_path / "a"
+    assert fssl(["experiment", "synthetic3d", "--quick", "--poc", "--out", str(out), "--methods", "fssl"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["flare"] == "poc"
+    run = results["methods"]["fssl"]["0"]
+    assert run["trained_at"] == ["china", "italy", "japan"]
+    assert all(run["final"][s]["dice"] > 0.05 for s in ("china", "italy", "japan")), run["final"]
+    assert len(run["curve"]) >= 5  # one validation Dice per round (6), read from the sites' logs
+    method_dir = out / "seed0" / "fssl"
+    (download,) = list((method_dir / "poc_results").iterdir())
+    assert {p.name for p in download.glob("*.log.txt")} == {"china.log.txt", "italy.log.txt", "japan.log.txt"}
+    assert not (method_dir / "poc" / "poc_workspace").exists()
+    ckpt = torch.load(method_dir / "model_final.pt", weights_only=True)
+    build_network(**ckpt["config"]["network"]).load_state_dict(ckpt["model"])

@@ -205,8 +205,10 @@ def cmd_validate_data(args) -> int:
 def cmd_experiment(args) -> int:
     from .experiment import main_experiment
 
+    settings = _dotted_settings(args.set, "--set", "SECTION.KEY=VALUE", "train.iterations_per_epoch=40")
     main_experiment(args.study, args.out, quick=args.quick, device=args.device, methods=args.methods,
-                    seeds=args.seeds, data=args.data, epochs=args.epochs)
+                    seeds=args.seeds, data=args.data, epochs=args.epochs, settings=settings,
+                    labeled_weight=args.labeled_weight, labels_per_site=args.labels_per_site, poc=args.poc)
     return 0
 
 
@@ -350,15 +352,27 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Study A (synthetic3d): synthetic 3D CT, cross-site matrix. Study B (real2d): real "
                                    "COVID-SemiSeg slices from ../shared/data/covid_semiseg. Writes results.json, "
                                    "results.md, PNG plots and per-method checkpoints. Federated methods run in "
-                                   "FLARE's simulator.")
+                                   "FLARE's simulator (or, with --poc, in POC mode).")
     p.add_argument("study", choices=["synthetic3d", "real2d"])
     p.add_argument("--out", required=True, help="results folder")
     p.add_argument("--quick", action="store_true", help="tiny network and budget: a smoke run of a few minutes")
     p.add_argument("--methods", nargs="+", default=None, help="subset of methods (default: the study's matrix); also fssl_weight_diff, fssl_percentile, fssl_svt, fssl_exclude_vars (privacy filters, docs/privacy.md)")
     p.add_argument("--seeds", nargs="+", type=int, default=None, help="seeds (default: 0)")
     p.add_argument("--epochs", type=int, default=None, help="override the budget (total local epochs)")
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                   help="training setting of every method, JSON value, applied after the study's preset and "
+                        "--quick; repeatable. A GPU run, e.g.: --device cuda --set train.iterations_per_epoch=40 "
+                        "--set 'network.channels=[32,64,128,256,512]'")
+    p.add_argument("--labeled-weight", type=float, default=None,
+                   help="federated methods' labeled_weight (study default: synthetic3d the job's 2, real2d 20)")
+    p.add_argument("--poc", action="store_true",
+                   help="run the federated methods in FLARE's POC mode (a real server and one client process per "
+                        "site on this machine, port 8002) instead of the simulator")
+    p.add_argument("--labels-per-site", default=None, metavar="N|all",
+                   help="synthetic3d: masks kept per labeled site, the other training scans train unlabeled "
+                        "(default all: china 6, italy 4)")
     p.add_argument("--data", default=None, help="real2d: the covid_semiseg folder; synthetic3d: MosMed masks folder")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
     p.set_defaults(func=cmd_experiment)
 
     p = sub.add_parser("validate-data", help="check a site's datalist and every file in it",

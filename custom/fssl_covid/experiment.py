@@ -14,7 +14,9 @@ Methods (every one with the same network, the same total number of local epochs,
 - on request (``--methods``): ``fssl_weight_diff`` (sites send updates instead of weights: must equal ``fssl``),
   ``fssl_percentile`` / ``fssl_svt`` / ``fssl_exclude_vars`` (``fssl`` with one of FLARE's privacy filters)
 
-Federated methods run through FLARE's simulator (real server and site components), not a re-implementation.
+Federated methods run through FLARE's simulator (real server and site components), or with ``--poc`` as real
+server and client processes in FLARE's POC mode (the demo's driver, ``poc/run_demo.py``); never through a
+re-implementation.
 The budget: ``epochs`` total local epochs of ``iterations_per_epoch`` iterations; federated methods run
 ``epochs`` rounds of one local epoch each.  The results folder holds ``results.json`` (every figure),
 ``results.md`` (tables), PNG plots, and per method ``model_final.pt`` / ``model_best.pt`` checkpoints that carry
@@ -36,7 +38,8 @@ import torch
 from .config import resolve_config
 from .data import evaluation_dataset, load_datalist
 from .inference import dice_at, threshold_averaged_dice
-from .jobs import customize_job, flare_env, run_simulator, write_site_configs
+from .jobs import REPO, customize_job, flare_env, run_simulator, write_site_configs
+from .results import find_job_outputs, load_cross_site
 from .trainer import SegmentationTrainer, save_checkpoint
 
 PRESETS = Path(__file__).resolve().parent / "presets"
@@ -55,6 +58,7 @@ FEDERATED = {
     "fssl_svt": ("fssl_covid_seg", {}, {}, ["svt"]),
     "fssl_exclude_vars": ("fssl_covid_seg", {}, {}, ["exclude_vars"]),
 }
+ABLATIONS = ["fssl_no_upweight", "fssl_no_threshold", "fssl_ema_teacher"]
 PRIVACY_METHODS = ["fssl_weight_diff", "fssl_percentile", "fssl_svt", "fssl_exclude_vars"]
 ALL_METHODS = ["local", "centralized", "centralized_ssl", *(m for m in FEDERATED if m not in PRIVACY_METHODS)]
 
@@ -68,13 +72,17 @@ class Study:
     methods: list[str]
     seeds: list[int] = field(default_factory=lambda: [0])
     description: str = ""
+    executor_args: dict = field(default_factory=dict)  # FSSLExecutor arguments of every federated method
 
 
 def _preset(name: str) -> dict:
     return json.loads((PRESETS / f"{name}.json").read_text())
 
 
-def study_synthetic3d(out: Path, quick: bool, mosmed: str | None = None) -> Study:
+def study_synthetic3d(out: Path, quick: bool, mosmed: str | None = None,
+                      labels_per_site: int | None = None) -> Study:
+    """``labels_per_site``: each labeled site keeps the masks of its first N training scans and its other training
+    scans join its unlabeled ones (None: all the generator's masks, china 6 and italy 4)."""
     from .synthetic import make_federation
 
     data = out / "data"
@@ -87,9 +95,17 @@ def study_synthetic3d(out: Path, quick: bool, mosmed: str | None = None) -> Stud
         cfg["train"].update({"epochs": 6, "iterations_per_epoch": 10})
         cfg["ssl"].update({"warmup_epochs": 1, "rampup_epochs": 1})
     sites = {s: load_datalist(p) for s, p in paths.items()}
+    if labels_per_site is not None:
+        for d in sites.values():
+            kept, moved = d["training"][:labels_per_site], d["training"][labels_per_site:]
+            d["training"] = kept
+            d["unlabeled"] = [{"image": c["image"]} for c in moved] + list(d.get("unlabeled", []))
+    counts = ", ".join(f"{s} {len(d['training'])} labeled + {len(d['unlabeled'])} unlabeled"
+                       for s, d in sites.items())
     return Study("synthetic3d", cfg, sites, "test", list(ALL_METHODS),
                  description="Study A: synthetic 3D chest CT (china, italy, japan), held-out labeled test scans at "
-                             "every site; the cross-site matrix is Dice of each model on each site's test scans.")
+                             f"every site; the cross-site matrix is Dice of each model on each site's test scans. "
+                             f"Training scans: {counts}.")
 
 
 def study_real2d(out: Path, quick: bool, root: Path | None = None, n_validation: int = 10, seed: int = 0) -> Study:
@@ -117,13 +133,17 @@ def study_real2d(out: Path, quick: bool, root: Path | None = None, n_validation:
         cfg["ssl"].update({"warmup_epochs": 1, "rampup_epochs": 1})
         for s in ("coronacases", "radiopaedia"):
             sites[s]["unlabeled"] = sites[s]["unlabeled"][:24]
-    methods = ["local", "centralized_ssl", "fssl", "fssl_no_threshold", "fssl_ema_teacher"]
+    methods = ["local", "centralized_ssl", "fssl", *ABLATIONS]
     (out / "split.json").parent.mkdir(parents=True, exist_ok=True)
     (out / "split.json").write_text(json.dumps({"seed": seed, "italy_validation_indices": validation}, indent=1))
-    return Study("real2d", cfg, sites, "validation", methods,
+    # One labeled site with 40 slices against 541 unlabeled slices: at the job's labeled_weight (2) the two
+    # unlabeled-only sites carry 40 % of the average and every round pulls italy's model back (README, Study B).
+    # x20 gives italy ~94 % of the weight; fssl_no_upweight (1) shows the difference.
+    return Study("real2d", cfg, sites, "validation", methods, executor_args={"labeled_weight": 20.0},
                  description="Study B: real COVID-SemiSeg slices (Fan et al., IEEE TMI 2020; non-commercial). "
                              f"italy: {len(train)} labeled training slices, {n_validation} held-out validation slices "
-                             "(fixed seeded split, never trained on); coronacases and radiopaedia: unlabeled.")
+                             "(fixed seeded split, never trained on); coronacases and radiopaedia: unlabeled. "
+                             "Federated methods: labeled_weight 20 (fssl_no_upweight: 1).")
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
@@ -173,8 +193,9 @@ def run_centralized(study: Study, method: str, seed: int, out: Path, device: str
     return runs
 
 
-def run_federated(study: Study, method: str, seed: int, out: Path, device: str) -> dict:
-    job_name, config_patch, executor_args, privacy = FEDERATED[method]
+def run_federated(study: Study, method: str, seed: int, out: Path, device: str, poc: bool = False) -> dict:
+    job_name, config_patch, method_args, privacy = FEDERATED[method]
+    executor_args = {**study.executor_args, **method_args}
     cfg = copy.deepcopy(study.config)
     cfg["train"]["seed"] = seed
     rounds = int(cfg["train"]["epochs"])
@@ -184,32 +205,74 @@ def run_federated(study: Study, method: str, seed: int, out: Path, device: str) 
     deep_update(cfg, config_patch)
     run_dir = (out / method).resolve()  # FLARE's processes run elsewhere: every path they are given is absolute
     sites = list(study.sites)
-    datalists = {}
+    datalists = {}  # each site's settings (its local/fssl_site.json)
     for site, data in study.sites.items():
         path = run_dir / "datalists" / f"{site}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({k: data[k] for k in ("training", "validation", "unlabeled", "test")}))
         datalists[site] = {"datalist": str(path), "device": device, "num_threads": 1, "eval_key": study.eval_key}
-    site_configs = write_site_configs(run_dir / "site_configs", datalists)
     job = customize_job(job_name, run_dir / "job", rounds=rounds, config=cfg, executor_args=executor_args,
                         min_clients=len(sites), job_name=method, privacy=privacy)
-    env = flare_env(run_dir, FSSL_SITE_CONFIGS=str(site_configs))
     t0 = time.time()
-    proc = run_simulator(job, run_dir / "simulator", sites, env, log_file=run_dir / "simulator.log")
-    if proc.returncode != 0:
-        raise RuntimeError(f"{method}: FLARE simulator failed (exit {proc.returncode}); see {run_dir / 'simulator.log'}")
-    server = run_dir / "simulator" / "server" / "simulate_job"
-    final = torch.load(server / "app_server" / "FL_global_model.pt", weights_only=True)["model"]
-    best_file = server / "app_server" / "best_FL_global_model.pt"
-    best = torch.load(best_file, weights_only=True)["model"] if best_file.is_file() else final
+    if poc:
+        outputs, log = _run_in_poc(job, run_dir / "poc", datalists, method)
+    else:
+        env = flare_env(run_dir, FSSL_SITE_CONFIGS=str(write_site_configs(run_dir / "site_configs", datalists)))
+        proc = run_simulator(job, run_dir / "simulator", sites, env, log_file=run_dir / "simulator.log")
+        if proc.returncode != 0:
+            raise RuntimeError(f"{method}: FLARE simulator failed (exit {proc.returncode}); "
+                               f"see {run_dir / 'simulator.log'}")
+        outputs, log = find_job_outputs(run_dir / "simulator" / "server" / "simulate_job"), proc.stdout + proc.stderr
+    final = torch.load(outputs["global_model"], weights_only=True)["model"]
+    best = torch.load(outputs["best_model"], weights_only=True)["model"] if outputs["best_model"] else final
     full_cfg = resolve_config(cfg)
     save_checkpoint(run_dir / "model_final.pt", final, full_cfg)
     save_checkpoint(run_dir / "model_best.pt", best, full_cfg)
-    from .results import load_cross_site
-
-    return {method: {"curve": _round_curve(proc.stdout + proc.stderr, study), "seconds": time.time() - t0,
+    return {method: {"curve": _round_curve(log, study), "seconds": time.time() - t0,
                      "final": final, "best": best, "cfg": full_cfg, "trained_at": sites,
-                     "flare_cross_site": load_cross_site(server / "cross_site_val" / "cross_val_results.json")}}
+                     "flare_cross_site": load_cross_site(outputs["cross_site"])}}
+
+
+def _run_in_poc(job: Path, work: Path, site_settings: dict[str, dict], method: str,
+                timeout: float = 6 * 3600) -> tuple[dict, str]:
+    """One job in FLARE's POC mode (a real server and one client process per site on this machine, with the demo's
+    ``Poc`` driver): prepare, write each site's settings into its kit, start, submit, follow, download, stop and
+    clean.  Returns the downloaded job's outputs (:func:`find_job_outputs`) and the sites' logs (the round curve;
+    every site is on this machine)."""
+    import shutil
+    import sys
+
+    sys.path.insert(0, str(REPO / "poc"))
+    from run_demo import DemoError, Poc  # the demo's POC driver: one copy of that code
+
+    from .site_settings import write_settings
+
+    shutil.rmtree(work, ignore_errors=True)
+    poc = Poc(work)
+    poc.env["TMPDIR"] = flare_env(work)["TMPDIR"]  # short enough for FLARE's Unix sockets
+    sites = list(site_settings)
+    try:
+        poc.prepare(sites)
+        for site, settings in site_settings.items():
+            write_settings(poc.kits / site, settings)
+        poc.start()
+        poc.wait_for_clients(sites)
+        job_id = poc.submit(job)
+        status = poc.follow(job_id, timeout=timeout, poll=10.0)
+        if not status.startswith("FINISHED"):
+            raise RuntimeError(f"{method}: POC job ended as {status}; see {poc.kits / 'server' / 'log.txt'}")
+        download = poc.download(job_id, work.parent / "poc_results")
+        logs = []
+        for site in sites:  # every site runs on this machine: keep its log with the results
+            log = poc.kits / site / job_id / "log.txt"
+            if log.is_file():
+                shutil.copy(log, download / f"{site}.log.txt")
+                logs.append(log.read_text(errors="replace"))
+        return find_job_outputs(download), "\n".join(logs)
+    except DemoError as e:
+        raise RuntimeError(f"{method}: {e}") from e
+    finally:
+        poc.stop_and_clean()
 
 
 def _round_curve(log: str, study: Study) -> list[float]:
@@ -229,18 +292,22 @@ def _round_curve(log: str, study: Study) -> list[float]:
 
 # ---------------------------------------------------------------------------------------------- runner
 def run_study(study: Study, out: Path, device: str = "auto", methods: list[str] | None = None,
-              log=print) -> dict:
+              log=print, poc: bool = False) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     methods = methods or study.methods
     results: dict = {"study": study.name, "description": study.description, "config": study.config,
-                     "seeds": study.seeds, "eval_key": study.eval_key, "methods": {}}
+                     "seeds": study.seeds, "eval_key": study.eval_key, "executor_args": study.executor_args,
+                     "flare": "poc" if poc else "simulator", "methods": {}}
     eval_sets = {s: d[study.eval_key] for s, d in study.sites.items() if d[study.eval_key]}
     for method in methods:
         for seed in study.seeds:
             seed_dir = out / f"seed{seed}"
             log(f"[{study.name}] {method} seed {seed} ...")
-            runner = run_federated if method in FEDERATED else run_centralized
-            for name, run in runner(study, method, seed, seed_dir, device).items():
+            if method in FEDERATED:
+                runs = run_federated(study, method, seed, seed_dir, device, poc=poc)
+            else:
+                runs = run_centralized(study, method, seed, seed_dir, device)
+            for name, run in runs.items():
                 entry = {"seconds": round(run["seconds"], 1), "curve": run["curve"], "trained_at": run["trained_at"],
                          "final": {}, "best": {}}
                 for which in ("final", "best"):
@@ -252,6 +319,8 @@ def run_study(study: Study, out: Path, device: str = "auto", methods: list[str] 
             (out / "results.json").write_text(json.dumps(results, indent=1))
     (out / "results.md").write_text(markdown_tables(results))
     plot_results(results, out)
+    plot_study_overlays(out, [m for m in results["methods"] if m not in ABLATIONS], eval_sets, device,
+                        seed=study.seeds[0])
     return results
 
 
@@ -330,12 +399,50 @@ def plot_results(results: dict, out: Path) -> list[Path]:
     return written
 
 
+def plot_study_overlays(out: Path, methods: list[str], eval_sets: dict[str, list[dict]], device: str,
+                        seed: int = 0, n_cases: int = 3) -> list[Path]:
+    """``overlays_<site>.png``: the final model (``seed<seed>/<method>/model_final.pt``) of each method (rows) on the
+    site's first ``n_cases`` labeled evaluation scans (columns), ground truth outlined, prediction filled."""
+    from .report import plot_overlay_grid
+    from .trainer import load_checkpoint
+
+    trainers = {}
+    for name in methods:
+        path = out / f"seed{seed}" / name / "model_final.pt"
+        if path.is_file():
+            state, cfg = load_checkpoint(path)
+            trainers[name] = SegmentationTrainer(cfg, {}, device=device)
+            trainers[name].set_weights(state)
+    written = []
+    for site, cases in eval_sets.items():
+        chosen = [c for c in cases if c.get("label")][:n_cases]
+        if chosen and trainers:
+            path = out / f"overlays_{site}.png"
+            plot_overlay_grid(trainers, chosen, path, prediction_label="final model of the row's method (lesion)",
+                              title=f"{site}: {len(chosen)} evaluation scans; rows: each method's final model "
+                                    f"(seed {seed})")
+            written.append(path)
+    return written
+
+
+def _labels_per_site(value: str | int | None) -> int | None:
+    if value is None or str(value) == "all":
+        return None
+    if not str(value).isdigit() or int(value) < 1:
+        raise ValueError(f"--labels-per-site {value!r}: expected a number of scans (1 or more) or 'all'")
+    return int(value)
+
+
 def main_experiment(study_name: str, out: str, quick: bool = False, device: str = "auto",
                     methods: list[str] | None = None, seeds: list[int] | None = None, data: str | None = None,
-                    epochs: int | None = None) -> dict:
+                    epochs: int | None = None, settings: dict | None = None,
+                    labeled_weight: float | None = None, labels_per_site: str | None = None,
+                    poc: bool = False) -> dict:
     out_dir = Path(out).resolve()
+    if settings:
+        resolve_config(settings)  # unknown keys and bad values fail here, before any data is written
     if study_name == "synthetic3d":
-        study = study_synthetic3d(out_dir, quick, mosmed=data)
+        study = study_synthetic3d(out_dir, quick, mosmed=data, labels_per_site=_labels_per_site(labels_per_site))
     elif study_name == "real2d":
         study = study_real2d(out_dir, quick, root=Path(data) if data else None)
     else:
@@ -344,12 +451,18 @@ def main_experiment(study_name: str, out: str, quick: bool = False, device: str 
         study.seeds = seeds
     if epochs:
         study.config["train"]["epochs"] = epochs
+    if settings:
+        from .jobs import deep_update
+
+        study.config = resolve_config(deep_update(study.config, settings))  # bad keys or values fail here
+    if labeled_weight is not None:
+        study.executor_args["labeled_weight"] = float(labeled_weight)
     known = ALL_METHODS + PRIVACY_METHODS
     unknown = sorted(set(methods or []) - set(known))
     if unknown:
         raise ValueError(f"unknown methods {unknown} (known: {', '.join(known)})")
     t0 = time.time()
-    results = run_study(study, out_dir, device=device, methods=methods)
+    results = run_study(study, out_dir, device=device, methods=methods, poc=poc)
     results["seconds_total"] = round(time.time() - t0, 1)
     (out_dir / "results.json").write_text(json.dumps(results, indent=1))
     print((out_dir / "results.md").read_text())

@@ -343,51 +343,71 @@ def _display(a: np.ndarray) -> np.ndarray:
     return np.flipud(a.T)[:, ::-1]
 
 
-def plot_overlays(trainer, site: str, key: str, cases: list[dict], path: Path) -> str:
-    """Middle lesion slice (3D) or the image (2D) of each case, ground truth and prediction as contours."""
+def draw_overlay(ax, trainer, case: dict, item: dict, title_prefix: str = "") -> float:
+    """One panel: the case's image (2D) or its axial slice with the most lesion (3D), the trainer's prediction
+    filled in red and the ground truth outlined in green.  Returns the case's Dice (3D: over the volume)."""
     import torch
     from matplotlib.colors import ListedColormap
-    from matplotlib.lines import Line2D
-    from matplotlib.patches import Patch
 
-    from .data import evaluation_dataset
     from .inference import dice_at
 
     three_d = trainer.cfg["data"]["spatial_dims"] == 3
     show = _display if three_d else (lambda a: a)  # 2D slices (COVID-SemiSeg) are stored as rows x columns
-    ds = evaluation_dataset(trainer.cfg, cases)
-    n = len(cases)
-    fig = _figure(figsize=(3.3 * n + 0.4, 4.3))
-    axes = np.atleast_1d(fig.subplots(1, n))
-    for ax, case, item in zip(axes, cases, ds):
-        x = item["image"].unsqueeze(0).to(trainer.device)
-        with torch.no_grad():
-            pred = trainer.predict_logits(x).argmax(dim=1)[0].cpu().numpy().astype(np.uint8)
-        image = np.asarray(item["image"][0].cpu().numpy(), dtype=np.float32)
-        label = (np.asarray(item["label"][0].cpu().numpy()) > 0.5).astype(np.uint8)
-        dice = dice_at(pred, label)
-        if three_d:
-            z = _lesion_slice(label)
-            image, label, pred = image[..., z], label[..., z], pred[..., z]
-            where = f"axial slice {z + 1}/{item['image'].shape[-1]} (most lesion)"
-        else:
-            where = "2D slice"
-        ax.imshow(show(image), cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
-        if pred.any():  # filled, not outlined: scattered false positives stay readable
-            ax.imshow(np.ma.masked_equal(show(pred), 0), cmap=ListedColormap(["#ff2a2a"]), alpha=0.45,
-                      interpolation="nearest")
-        if label.any():  # on top of the prediction
-            ax.contour(show(label), levels=[0.5], colors=["#00e000"], linewidths=1.8)
-        name = Path(case["image"]).name.replace(".nii.gz", "").replace(".nii", "")
-        ax.set_title(f"{name}\n{where}, Dice {'(3D) ' if three_d else ''}{dice:.3f}", fontsize=9)
-        ax.set_xticks([])
-        ax.set_yticks([])
+    x = item["image"].unsqueeze(0).to(trainer.device)
+    with torch.no_grad():
+        pred = trainer.predict_logits(x).argmax(dim=1)[0].cpu().numpy().astype(np.uint8)
+    image = np.asarray(item["image"][0].cpu().numpy(), dtype=np.float32)
+    label = (np.asarray(item["label"][0].cpu().numpy()) > 0.5).astype(np.uint8)
+    dice = dice_at(pred, label)
+    if three_d:
+        z = _lesion_slice(label)
+        image, label, pred = image[..., z], label[..., z], pred[..., z]
+        where = f"axial slice {z + 1}/{item['image'].shape[-1]} (most lesion)"
+    else:
+        where = "2D slice"
+    ax.imshow(show(image), cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+    if pred.any():  # filled, not outlined: scattered false positives stay readable
+        ax.imshow(np.ma.masked_equal(show(pred), 0), cmap=ListedColormap(["#ff2a2a"]), alpha=0.45,
+                  interpolation="nearest")
+    if label.any():  # on top of the prediction
+        ax.contour(show(label), levels=[0.5], colors=["#00e000"], linewidths=1.8)
+    name = Path(case["image"]).name.replace(".nii.gz", "").replace(".nii", "")
+    ax.set_title(f"{title_prefix}{name}\n{where}, Dice {'(3D) ' if three_d else ''}{dice:.3f}", fontsize=9)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    return dice
+
+
+def plot_overlay_grid(rows: Mapping[str, object], cases: list[dict], path: Path, title: str,
+                      prediction_label: str) -> str:
+    """One row per model (``rows``: row name -> trainer holding the model), one column per case."""
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    from .data import evaluation_dataset
+
+    trainers = list(rows.values())
+    items = list(evaluation_dataset(trainers[0].cfg, cases))
+    n, m = len(cases), len(rows)
+    fig = _figure(figsize=(3.3 * n + 0.4, 4.0 * m + 0.3))
+    axes = np.asarray(fig.subplots(m, n)).reshape(m, n)
+    for r, (row_name, trainer) in enumerate(rows.items()):
+        for ax, case, item in zip(axes[r], cases, items):
+            draw_overlay(ax, trainer, case, item, title_prefix=f"{row_name}: " if m > 1 else "")
     handles = [Line2D([], [], color="#00e000", lw=1.8, label="ground truth (expert mask)"),
-               Patch(facecolor=(1.0, 0.16, 0.16, 0.45), edgecolor="none", label="final global model (lesion)")]
+               Patch(facecolor=(1.0, 0.16, 0.16, 0.45), edgecolor="none", label=prediction_label)]
     fig.legend(handles=handles, loc="outside lower center", ncols=2, frameon=False)
-    fig.suptitle(f"{site}: final global model on {key} scans (preprocessed as in training; "
-                 f"{'radiological view' if three_d else 'as stored'})", fontsize=10)
+    fig.suptitle(title, fontsize=10)
     return _save(fig, path)
+
+
+def plot_overlays(trainer, site: str, key: str, cases: list[dict], path: Path) -> str:
+    """Middle lesion slice (3D) or the image (2D) of each case, ground truth and prediction as contours."""
+    three_d = trainer.cfg["data"]["spatial_dims"] == 3
+    return plot_overlay_grid({"final global model": trainer}, cases, path,
+                             prediction_label="final global model (lesion)",
+                             title=f"{site}: final global model on {key} scans (preprocessed as in training; "
+                                   f"{'radiological view' if three_d else 'as stored'})")
 
 
 def _overlay_section(doc: _Doc, out_dir: Path, outputs: dict, job_dir: Path,
