@@ -28,6 +28,8 @@ from __future__ import annotations
 import copy
 import json
 import random
+import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +40,7 @@ import torch
 from .config import resolve_config
 from .data import evaluation_dataset, load_datalist
 from .inference import dice_at, threshold_averaged_dice
-from .jobs import REPO, customize_job, flare_env, run_simulator, write_site_configs
+from .jobs import REPO, customize_job, deep_update, flare_env, run_simulator, write_site_configs
 from .results import find_job_outputs, load_cross_site
 from .trainer import SegmentationTrainer, save_checkpoint
 
@@ -200,8 +202,6 @@ def run_federated(study: Study, method: str, seed: int, out: Path, device: str, 
     cfg["train"]["seed"] = seed
     rounds = int(cfg["train"]["epochs"])
     cfg["train"]["epochs"] = 1  # one local epoch per round: the same total number of local epochs
-    from .jobs import deep_update
-
     deep_update(cfg, config_patch)
     run_dir = (out / method).resolve()  # FLARE's processes run elsewhere: every path they are given is absolute
     sites = list(study.sites)
@@ -239,10 +239,8 @@ def _run_in_poc(job: Path, work: Path, site_settings: dict[str, dict], method: s
     ``Poc`` driver): prepare, write each site's settings into its kit, start, submit, follow, download, stop and
     clean.  Returns the downloaded job's outputs (:func:`find_job_outputs`) and the sites' logs (the round curve;
     every site is on this machine)."""
-    import shutil
-    import sys
-
-    sys.path.insert(0, str(REPO / "poc"))
+    if str(REPO / "poc") not in sys.path:
+        sys.path.insert(0, str(REPO / "poc"))
     from run_demo import DemoError, Poc  # the demo's POC driver: one copy of that code
 
     from .site_settings import write_settings
@@ -452,8 +450,6 @@ def main_experiment(study_name: str, out: str, quick: bool = False, device: str 
     if epochs:
         study.config["train"]["epochs"] = epochs
     if settings:
-        from .jobs import deep_update
-
         study.config = resolve_config(deep_update(study.config, settings))  # bad keys or values fail here
     if labeled_weight is not None:
         study.executor_args["labeled_weight"] = float(labeled_weight)

@@ -343,9 +343,9 @@ def _display(a: np.ndarray) -> np.ndarray:
     return np.flipud(a.T)[:, ::-1]
 
 
-def draw_overlay(ax, trainer, case: dict, item: dict, title_prefix: str = "") -> float:
+def draw_overlay(ax, trainer, case: dict, item: dict, title_prefix: str = "") -> None:
     """One panel: the case's image (2D) or its axial slice with the most lesion (3D), the trainer's prediction
-    filled in red and the ground truth outlined in green.  Returns the case's Dice (3D: over the volume)."""
+    filled in red and the ground truth outlined in green; the title gives the case's Dice (3D: over the volume)."""
     import torch
     from matplotlib.colors import ListedColormap
 
@@ -375,7 +375,6 @@ def draw_overlay(ax, trainer, case: dict, item: dict, title_prefix: str = "") ->
     ax.set_title(f"{title_prefix}{name}\n{where}, Dice {'(3D) ' if three_d else ''}{dice:.3f}", fontsize=9)
     ax.set_xticks([])
     ax.set_yticks([])
-    return dice
 
 
 def plot_overlay_grid(rows: Mapping[str, object], cases: list[dict], path: Path, title: str,
@@ -402,7 +401,7 @@ def plot_overlay_grid(rows: Mapping[str, object], cases: list[dict], path: Path,
 
 
 def plot_overlays(trainer, site: str, key: str, cases: list[dict], path: Path) -> str:
-    """Middle lesion slice (3D) or the image (2D) of each case, ground truth and prediction as contours."""
+    """The final global model on a site's cases: one row of :func:`draw_overlay` panels."""
     three_d = trainer.cfg["data"]["spatial_dims"] == 3
     return plot_overlay_grid({"final global model": trainer}, cases, path,
                              prediction_label="final global model (lesion)",
