@@ -120,3 +120,24 @@ def test_flip_tta_teacher_averages_the_flipped_predictions():
     assert torch.allclose(tta, torch.stack(manual).mean(0), atol=1e-6)
     assert not torch.allclose(tta, plain, atol=1e-3)
     assert torch.allclose(tta.sum(dim=1), torch.ones(2, 8, 6, 4), atol=1e-5)  # still probabilities
+
+
+def test_cutmix_moves_the_same_box_in_the_image_and_in_the_pseudo_labels():
+    cfg = resolve_config({"ssl": {"cutmix_prob": 1.0}})["ssl"]
+    objective = ConsistencyObjective(cfg, torch.Generator().manual_seed(0))
+    xs = torch.arange(3, dtype=torch.float32).view(3, 1, 1, 1).expand(3, 1, 20, 20).clone()  # sample i is all i
+    probs = torch.stack([torch.full((2, 20, 20), float(i)) for i in range(3)])
+    mixed_x, mixed_p = objective.cutmix(xs, probs)
+    for i in range(3):
+        from_next = mixed_x[i, 0] == (i + 1) % 3
+        assert 0.15 * 400 <= from_next.sum() <= 0.65 * 400  # one box of a fifth to three fifths of the image
+        rows, cols = from_next.any(1).nonzero(), from_next.any(0).nonzero()
+        assert from_next.sum() == len(rows) * len(cols)  # a box, not scattered voxels
+        assert torch.equal(mixed_p[i, 1] == (i + 1) % 3, from_next)  # the teacher's map moved with it
+    off = ConsistencyObjective(resolve_config({"ssl": {"cutmix_prob": 0.0}})["ssl"])
+    x = torch.rand(3, 1, 20, 20)
+    net = build_network("unet", 2, channels=(4, 8), strides=(2,), num_res_units=0)
+    loss, _ = off(net, net, x, autocast=contextlib.nullcontext)
+    assert torch.isfinite(loss)
+    with pytest.raises(ConfigError, match="cutmix_prob"):
+        resolve_config({"ssl": {"cutmix_prob": 1.5}})

@@ -151,3 +151,19 @@ def test_loader_workers_give_the_same_kind_of_batches(synthetic_sites, tiny_3d):
     assert tuple(batch["image"].shape) == (2 * 2, 1, 32, 32, 16) and batch["label"].shape == batch["image"].shape
     res = tr.run_round(None, round_index=0, total_rounds=1)
     assert res.labeled_samples_seen == 3 * 2 * 2 and res.metrics_after is not None
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_flip_tta_averages_the_probabilities_of_the_flipped_views(tiny_2d, tiny_3d, dims):
+    cfg = tiny_2d if dims == 2 else tiny_3d
+    tr = SegmentationTrainer(cfg, {})
+    size = cfg["data"]["patch_size"]
+    x = torch.rand(2, 1, *size, generator=torch.Generator().manual_seed(0))
+    plain = torch.softmax(tr.predict_logits(x), dim=1)
+    views = [plain] + [torch.flip(torch.softmax(tr.predict_logits(torch.flip(x, (a,))), dim=1), (a,))
+                       for a in range(2, 2 + dims)]
+    tr.cfg["inference"]["flip_tta"] = True
+    tta = tr.predict_logits(x)
+    assert tta.shape == plain.shape
+    assert torch.allclose(torch.softmax(tta, dim=1), torch.stack(views).mean(0), atol=1e-5)
+    assert not torch.allclose(torch.softmax(tta, dim=1), plain, atol=1e-4)  # the views do differ

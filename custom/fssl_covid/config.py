@@ -93,6 +93,9 @@ DEFAULTS: dict[str, Any] = {
         # pulled the average back toward the received model (in-process FedAvg replica of the demo federation, 8
         # rounds, seed 0: mean test Dice 0.511 at full weight, 0.538 scaled, 0.541 with the site left out).
         "unlabeled_only_lr_scale": 0.1,
+        # Probability that an unlabeled sample's student view and pseudo-labels get a box cut from the next sample
+        # of the batch (CutMix consistency, French et al. 2020); 0 disables it.
+        "cutmix_prob": 0.0,
         # The weak view is intensity-only, so the teacher's output stays on the image grid.
         "weak": {"noise_std": 0.0, "intensity_scale": 0.0, "intensity_shift": 0.0},
         "strong": {"noise_std": 0.05, "intensity_scale": 0.15, "intensity_shift": 0.1,
@@ -122,6 +125,9 @@ DEFAULTS: dict[str, Any] = {
         "sw_batch_size": 4,
         "overlap": 0.25,
         "threshold": 0.5,
+        # Average the class probabilities over the image and its flips along each spatial axis (test-time
+        # augmentation: 1 + spatial_dims forwards per image).  Used by evaluation, prediction and the reports.
+        "flip_tta": False,
     },
 }
 
@@ -227,6 +233,8 @@ def _check(cfg: dict) -> None:
         raise ConfigError(f"ssl.unsup_loss must be 'ce', 'dice_ce' or 'mse', got '{ssl['unsup_loss']}'")
     if not 0.0 <= ssl["unlabeled_only_lr_scale"] <= 1.0:
         raise ConfigError(f"ssl.unlabeled_only_lr_scale must be in [0, 1], got {ssl['unlabeled_only_lr_scale']}")
+    if not 0.0 <= ssl["cutmix_prob"] <= 1.0:
+        raise ConfigError(f"ssl.cutmix_prob must be in [0, 1], got {ssl['cutmix_prob']}")
     if not 0.0 <= ssl["confidence_threshold"] < 1.0:
         raise ConfigError(f"ssl.confidence_threshold must be in [0, 1), got {ssl['confidence_threshold']}")
     if train["optimizer"] not in ("adamw", "sgd"):

@@ -197,6 +197,28 @@ class ConsistencyObjective:
         self.weak = Perturbation(ssl_cfg["weak"], generator)
         self.strong = Perturbation(ssl_cfg["strong"], generator)
 
+    def cutmix(self, xs: torch.Tensor, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """CutMix between unlabeled samples (French et al., BMVC 2020): with probability ``ssl.cutmix_prob`` a
+        sample's random box (a fifth to three fifths of the image) is replaced by the next sample's, in the
+        student's input and in the teacher's probabilities alike, so the student must segment a scene no
+        single image shows."""
+        b, spatial = xs.shape[0], xs.shape[2:]
+        g = self.strong.generator
+        box = torch.zeros((b, 1, *spatial), dtype=torch.bool)
+        for i in range(b):
+            if float(torch.rand((), generator=g)) >= self.cfg["cutmix_prob"]:
+                continue
+            side = float(0.2 + 0.4 * torch.rand((), generator=g)) ** (1.0 / len(spatial))
+            region = [slice(None), slice(None)]
+            for n in spatial:
+                length = max(1, round(side * n))
+                start = int(torch.randint(0, n - length + 1, (), generator=g))
+                region.append(slice(start, start + length))
+            box[i][tuple(region[1:])] = True
+        box = box.to(xs.device)
+        other = torch.roll(torch.arange(b, device=xs.device), -1)
+        return torch.where(box, xs[other], xs), torch.where(box, probs[other], probs)
+
     def __call__(self, student: torch.nn.Module, teacher: torch.nn.Module, x: torch.Tensor,
                  autocast=None) -> tuple[torch.Tensor, dict]:
         dims = x.dim() - 2
@@ -206,6 +228,8 @@ class ConsistencyObjective:
         p = self.strong.sample(x.shape[0], dims)
         xs = self.strong.geometry(self.strong.intensity(x, p), p)
         probs = self.strong.geometry(probs, p)
+        if self.cfg["cutmix_prob"] > 0 and x.shape[0] > 1:
+            xs, probs = self.cutmix(xs, probs)
         labels, mask = pseudo_labels(probs, self.cfg["confidence_threshold"], self.cfg["class_adaptive_threshold"])
         with autocast():
             logits = student(xs)

@@ -154,8 +154,20 @@ class SegmentationTrainer:
 
     # ------------------------------------------------------------------ evaluation
     def predict_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits for a batch of preprocessed images: whole image in 2D, sliding windows in 3D."""
+        """Logits (log-probabilities with ``inference.flip_tta``) for a batch of preprocessed images: whole image in
+        2D, sliding windows in 3D."""
         self.model.eval()
+        inf = self.cfg["inference"]
+        if not inf["flip_tta"]:
+            return self._forward(x)
+        # flip TTA: average the probabilities of the image and its flips; log-probabilities keep the contract
+        # (argmax and softmax of the result are those of the averaged probabilities)
+        probs = [torch.softmax(self._forward(x), dim=1)]
+        for axis in range(2, x.dim()):
+            probs.append(torch.flip(torch.softmax(self._forward(torch.flip(x, (axis,))), dim=1), (axis,)))
+        return torch.log(torch.stack(probs).mean(0).clamp_min(1e-8))
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad(), self.autocast():
             if self.cfg["data"]["spatial_dims"] == 2:
                 return self.model(x).float()
