@@ -85,3 +85,13 @@ def test_study_a_labels_per_site_moves_masks_to_unlabeled(tmp_path):
         assert all("label" not in c for c in few[site]["unlabeled"])  # the moved scans train without their masks
         assert [c["image"].split("/")[-1] for c in few[site]["test"]] == \
             [c["image"].split("/")[-1] for c in full[site]["test"]]  # test scans are untouched
+
+
+def test_the_teacher_ablation_is_the_teacher_the_study_does_not_use():
+    from fssl_covid.config import resolve_config
+    from fssl_covid.experiment import ALL_METHODS, FEDERATED, with_teacher_ablation
+
+    assert with_teacher_ablation(ALL_METHODS, resolve_config({"ssl": {"teacher": "global"}})) == ALL_METHODS
+    swapped = with_teacher_ablation(ALL_METHODS, resolve_config({"ssl": {"teacher": "ema"}}))
+    assert "fssl_ema_teacher" not in swapped and swapped[-1] == "fssl_global_teacher"
+    assert FEDERATED["fssl_global_teacher"][1] == {"ssl": {"teacher": "global"}}

@@ -10,7 +10,8 @@ Methods (every one with the same network, the same total number of local epochs,
 - ``centralized_ssl``  all data pooled, the same semi-supervised objective (the data-sharing reference)
 - ``fedavg_supervised`` FLARE job ``jobs/fedavg_supervised`` (unlabeled data ignored)
 - ``fssl``             FLARE job ``jobs/fssl_covid_seg`` (the product)
-- ``fssl_no_upweight`` / ``fssl_no_threshold`` / ``fssl_ema_teacher``: ablations of ``fssl``
+- ``fssl_no_upweight`` / ``fssl_no_threshold`` / ``fssl_ema_teacher``: ablations of ``fssl`` (where the
+  study's configuration already uses the EMA teacher, ``fssl_global_teacher`` takes the teacher ablation's place)
 - on request (``--methods``): ``fssl_weight_diff`` (sites send updates instead of weights: must equal ``fssl``),
   ``fssl_percentile`` / ``fssl_svt`` / ``fssl_exclude_vars`` (``fssl`` with one of FLARE's privacy filters)
 
@@ -54,6 +55,7 @@ FEDERATED = {
     "fssl_no_upweight": ("fssl_covid_seg", {}, {"labeled_weight": 1.0}, []),
     "fssl_no_threshold": ("fssl_covid_seg", {"ssl": {"confidence_threshold": 0.0}}, {}, []),
     "fssl_ema_teacher": ("fssl_covid_seg", {"ssl": {"teacher": "ema"}}, {}, []),
+    "fssl_global_teacher": ("fssl_covid_seg", {"ssl": {"teacher": "global"}}, {}, []),
     # the Dice cost of FLARE's privacy filters (docs/privacy.md); not in the default matrix
     "fssl_weight_diff": ("fssl_covid_seg", {}, {"send_weight_diff": True}, []),
     "fssl_percentile": ("fssl_covid_seg", {}, {}, ["percentile"]),
@@ -61,8 +63,11 @@ FEDERATED = {
     "fssl_exclude_vars": ("fssl_covid_seg", {}, {}, ["exclude_vars"]),
 }
 ABLATIONS = ["fssl_no_upweight", "fssl_no_threshold", "fssl_ema_teacher"]
+# the teacher ablation is the teacher the study's configuration does not use
+TEACHER_ABLATION = {"global": "fssl_ema_teacher", "ema": "fssl_global_teacher"}
 PRIVACY_METHODS = ["fssl_weight_diff", "fssl_percentile", "fssl_svt", "fssl_exclude_vars"]
-ALL_METHODS = ["local", "centralized", "centralized_ssl", *(m for m in FEDERATED if m not in PRIVACY_METHODS)]
+ALL_METHODS = ["local", "centralized", "centralized_ssl", "fedavg_supervised", "fssl", *ABLATIONS]
+NOT_IN_OVERLAYS = set(ABLATIONS) | set(TEACHER_ABLATION.values()) | set(PRIVACY_METHODS)
 
 
 @dataclass
@@ -75,6 +80,13 @@ class Study:
     seeds: list[int] = field(default_factory=lambda: [0])
     description: str = ""
     executor_args: dict = field(default_factory=dict)  # FSSLExecutor arguments of every federated method
+
+
+def with_teacher_ablation(methods: list[str], cfg: dict) -> list[str]:
+    """``methods`` with the teacher ablation set to the teacher ``cfg`` does not use (an ablation equal to the
+    method itself would measure nothing)."""
+    ablation = TEACHER_ABLATION[cfg["ssl"]["teacher"]]
+    return [ablation if m in TEACHER_ABLATION.values() else m for m in methods]
 
 
 def _preset(name: str) -> dict:
@@ -317,7 +329,7 @@ def run_study(study: Study, out: Path, device: str = "auto", methods: list[str] 
             (out / "results.json").write_text(json.dumps(results, indent=1))
     (out / "results.md").write_text(markdown_tables(results))
     plot_results(results, out)
-    plot_study_overlays(out, [m for m in results["methods"] if m not in ABLATIONS], eval_sets, device,
+    plot_study_overlays(out, [m for m in results["methods"] if m not in NOT_IN_OVERLAYS], eval_sets, device,
                         seed=study.seeds[0])
     return results
 
@@ -453,7 +465,8 @@ def main_experiment(study_name: str, out: str, quick: bool = False, device: str 
         study.config = resolve_config(deep_update(study.config, settings))  # bad keys or values fail here
     if labeled_weight is not None:
         study.executor_args["labeled_weight"] = float(labeled_weight)
-    known = ALL_METHODS + PRIVACY_METHODS
+    study.methods = with_teacher_ablation(study.methods, study.config)
+    known = ALL_METHODS + ["fssl_global_teacher"] + PRIVACY_METHODS
     unknown = sorted(set(methods or []) - set(known))
     if unknown:
         raise ValueError(f"unknown methods {unknown} (known: {', '.join(known)})")
