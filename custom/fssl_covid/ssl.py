@@ -7,6 +7,8 @@ For an unlabeled batch ``x``:
    ``s`` are drawn per sample; the student sees ``g(s(x))``;
 3. the teacher's probabilities are warped by the same ``g``; voxels whose confidence (max probability) is at
    least ``tau`` become pseudo-labels (arg-max), the others (and voxels warped in from outside) are ignored;
+   with ``ssl.cutmix_prob`` a box of the next sample is first pasted into the student's view and into the warped
+   teacher probabilities alike (CutMix);
 4. the unsupervised loss is the masked cross-entropy (plus a masked soft Dice on the lesion class) between the
    student's prediction and the pseudo-labels.
 
@@ -209,12 +211,12 @@ class ConsistencyObjective:
             if float(torch.rand((), generator=g)) >= self.cfg["cutmix_prob"]:
                 continue
             side = float(0.2 + 0.4 * torch.rand((), generator=g)) ** (1.0 / len(spatial))
-            region = [slice(None), slice(None)]
+            region = [slice(None)]  # the channel axis of box[i]
             for n in spatial:
                 length = max(1, round(side * n))
                 start = int(torch.randint(0, n - length + 1, (), generator=g))
                 region.append(slice(start, start + length))
-            box[i][tuple(region[1:])] = True
+            box[i][tuple(region)] = True
         box = box.to(xs.device)
         other = torch.roll(torch.arange(b, device=xs.device), -1)
         return torch.where(box, xs[other], xs), torch.where(box, probs[other], probs)
