@@ -179,7 +179,8 @@ def masked_consistency_loss(student_logits: torch.Tensor, labels: torch.Tensor, 
 
 def teacher_probabilities(teacher: torch.nn.Module, x: torch.Tensor, flips: bool, autocast) -> torch.Tensor:
     """Class probabilities of the teacher; with ``flips`` averaged over the image and its flips along each spatial
-    axis (test-time augmentation: pseudo-labels a little better than one prediction, for 1 + dims forwards)."""
+    axis (test-time augmentation: pseudo-labels a little better than one prediction, for 1 + dims forwards).
+    ``teacher`` is any callable returning logits; inference's ``inference.flip_tta`` uses it too."""
     views = [()] + ([(2 + d,) for d in range(x.dim() - 2)] if flips else [])
     total = None
     for axes in views:

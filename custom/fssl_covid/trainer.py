@@ -25,7 +25,7 @@ from monai.utils import set_determinism
 from .config import job_training_config, resolve_config
 from .data import evaluation_dataset, evaluation_loader, infinite_batches, loader_workers, training_dataset
 from .networks import build_network, weights_mismatch
-from .ssl import ConsistencyObjective, Perturbation, unsup_weight
+from .ssl import ConsistencyObjective, Perturbation, teacher_probabilities, unsup_weight
 from .validation import data_expectations, usable_cases
 
 log = logging.getLogger(__name__)
@@ -160,12 +160,10 @@ class SegmentationTrainer:
         inf = self.cfg["inference"]
         if not inf["flip_tta"]:
             return self._forward(x)
-        # flip TTA: average the probabilities of the image and its flips; log-probabilities keep the contract
-        # (argmax and softmax of the result are those of the averaged probabilities)
-        probs = [torch.softmax(self._forward(x), dim=1)]
-        for axis in range(2, x.dim()):
-            probs.append(torch.flip(torch.softmax(self._forward(torch.flip(x, (axis,))), dim=1), (axis,)))
-        return torch.log(torch.stack(probs).mean(0).clamp_min(1e-8))
+        # flip TTA: the same flip averaging as the SSL teacher's; log-probabilities keep the contract (argmax and
+        # softmax of the result are those of the averaged probabilities)
+        probs = teacher_probabilities(self._forward, x, flips=True, autocast=contextlib.nullcontext)
+        return torch.log(probs.clamp_min(1e-8))
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad(), self.autocast():
