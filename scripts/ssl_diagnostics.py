@@ -28,12 +28,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "custom"))
 
-from fssl_covid.config import load_config, resolve_config  # noqa: E402
+from fssl_covid.config import config_path, load_config, resolve_config  # noqa: E402
 from fssl_covid.data import evaluation_dataset, load_datalist  # noqa: E402
 from fssl_covid.jobs import deep_update  # noqa: E402
 from fssl_covid.trainer import SegmentationTrainer, load_checkpoint  # noqa: E402
-
-PRESETS = Path(__file__).resolve().parents[1] / "custom" / "fssl_covid" / "presets"
 
 
 def pseudo_label_bias(model: str, cases: list[dict], thresholds=(0.5, 0.7, 0.9, 0.95)) -> dict:
@@ -106,13 +104,13 @@ def main(argv=None) -> int:
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)
-    preset = PRESETS / f"{args.config}.json"
-    cfg = load_config(preset if preset.is_file() else args.config)
+    cfg = load_config(config_path(args.config))
     if args.datalist == "study_b":
         import tempfile
 
         from fssl_covid.experiment import study_real2d
-        italy = study_real2d(Path(tempfile.mkdtemp()), quick=False).sites["italy"]
+        with tempfile.TemporaryDirectory() as tmp:  # study_real2d writes its split.json there
+            italy = study_real2d(Path(tmp), quick=False).sites["italy"]
         datalist = {"training": italy["training"], "validation": italy["validation"]}
     else:
         datalist = load_datalist(args.datalist)

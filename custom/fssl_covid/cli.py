@@ -22,20 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from .config import PRESETS_DIR, config_path
 from .jobs import PRIVACY_FILTERS
-
-PRESETS_DIR = Path(__file__).resolve().parent / "presets"
-
-
-def config_path(name_or_path: str | None) -> Path | None:
-    """A config file path, or the name of a packaged preset (``fssl_covid/presets/<name>.json``)."""
-    if name_or_path is None:
-        return None
-    p = Path(name_or_path)
-    if p.suffix != ".json" and (PRESETS_DIR / f"{name_or_path}.json").is_file():
-        return PRESETS_DIR / f"{name_or_path}.json"
-    return p
-
 
 CHECKPOINT_CONFIG_HELP = ("for checkpoints that carry no config: a config JSON, a preset name, or the FLARE job's "
                           "folder / config_fed_client.json (not needed for a downloaded job's "

@@ -185,6 +185,19 @@ def job_training_config(where: str | Path) -> dict | None:
     return None
 
 
+PRESETS_DIR = Path(__file__).resolve().parent / "presets"
+
+
+def config_path(name_or_path: str | None) -> Path | None:
+    """A config file path, or the name of a packaged preset (``fssl_covid/presets/<name>.json``)."""
+    if name_or_path is None:
+        return None
+    p = Path(name_or_path)
+    if p.suffix != ".json" and (PRESETS_DIR / f"{name_or_path}.json").is_file():
+        return PRESETS_DIR / f"{name_or_path}.json"
+    return p
+
+
 def load_config(path: str | Path | None) -> dict:
     """Read a configuration and resolve it; ``None`` gives the defaults.  ``path``: a JSON configuration file
     (partial is fine), or a FLARE job's ``config_fed_client.json`` or job folder (its sites' training config)."""

@@ -38,14 +38,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import resolve_config
+from .config import PRESETS_DIR, resolve_config
 from .data import evaluation_dataset, load_datalist
 from .inference import dice_at, threshold_averaged_dice
 from .jobs import REPO, customize_job, deep_update, flare_env, run_simulator, write_site_configs
 from .results import find_job_outputs, load_cross_site
 from .trainer import SegmentationTrainer, save_checkpoint
 
-PRESETS = Path(__file__).resolve().parent / "presets"
 SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 
 # method -> (job in jobs/, training-config patch, executor args, FLARE privacy filters on the sites' train results)
@@ -90,7 +89,7 @@ def with_teacher_ablation(methods: list[str], cfg: dict) -> list[str]:
 
 
 def _preset(name: str) -> dict:
-    return json.loads((PRESETS / f"{name}.json").read_text())
+    return json.loads((PRESETS_DIR / f"{name}.json").read_text())
 
 
 def study_synthetic3d(out: Path, quick: bool, mosmed: str | None = None,
@@ -468,7 +467,7 @@ def main_experiment(study_name: str, out: str, quick: bool = False, device: str 
     if labeled_weight is not None:
         study.executor_args["labeled_weight"] = float(labeled_weight)
     study.methods = with_teacher_ablation(study.methods, study.config)
-    known = ALL_METHODS + ["fssl_global_teacher"] + PRIVACY_METHODS
+    known = ["local", "centralized", "centralized_ssl", *FEDERATED]
     unknown = sorted(set(methods or []) - set(known))
     if unknown:
         raise ValueError(f"unknown methods {unknown} (known: {', '.join(known)})")
