@@ -11,6 +11,13 @@
     python scripts/ssl_diagnostics.py in-domain --config covid2d --datalist study_b --labeled 10 \
         --arms arms.json [--seed 0] [--threads 2]
 
+    # Offline self-training (Semi-Inf-Net style): a trained model pseudo-labels the unlabeled scans once (its
+    # prediction at 0.5, with the model's test-time flips), then a new model of the same configuration trains
+    # supervised, from scratch and for the same budget, on the labeled scans (each repeated --repeat times) and
+    # the pseudo-labeled ones.  "--datalist study_b": unlabeled = coronacases and radiopaedia.
+    python scripts/ssl_diagnostics.py self-training --teacher results/study_b/seed0/local/model_final.pt \
+        --datalist study_b --repeat 13 [--min-share 0] [--seed 0] [--threads 2]
+
 Only aggregate figures are printed.  Centralized (no FLARE): these are for choosing an objective before spending a
 federated run on it.
 """
@@ -21,10 +28,14 @@ import argparse
 import copy
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "custom"))
 
@@ -82,6 +93,66 @@ def in_domain(cfg: dict, datalist: dict, n_labeled: int, arms: dict, seed: int, 
     return results
 
 
+def write_pseudo_labels(model: str, cases: list[dict], out: Path, min_share: float = 0.0) -> list[dict]:
+    """The model's lesion mask (probability >= 0.5, at the image's own size) for each unlabeled image, written as
+    NIfTI into ``out`` (never beside the data); images whose predicted lesion share is below ``min_share`` are left out.
+    Returns the datalist entries {"image": original image, "label": pseudo-label file}."""
+    state, cfg = load_checkpoint(model)
+    if cfg["data"]["spatial_dims"] != 2:
+        raise ValueError("self-training is implemented for 2D slices (the model's configuration is 3D)")
+    trainer = SegmentationTrainer(cfg, {})
+    trainer.set_weights(state)
+    out.mkdir(parents=True, exist_ok=True)
+    pseudo = []
+    images = [{"image": c["image"]} for c in cases]
+    for i, (case, item) in enumerate(zip(images, evaluation_dataset(cfg, images, with_label=False))):
+        prob = torch.softmax(trainer.predict_logits(item["image"][None].to(trainer.device)), 1)[:, 1:].cpu()
+        image = nib.load(case["image"])
+        prob = F.interpolate(prob, size=image.shape[:2], mode="bilinear", align_corners=False)[0, 0].numpy()
+        mask = (prob >= 0.5).astype(np.uint8)
+        if mask.mean() < min_share:
+            continue
+        path = out / f"pseudo_{i:05d}.nii.gz"
+        nib.save(nib.Nifti1Image(mask.reshape(image.shape), image.affine), str(path))
+        pseudo.append({"image": case["image"], "label": str(path)})
+    return pseudo
+
+
+def self_training(teacher: str, datalist: dict, unlabeled: list[dict], repeat: int, seed: int, workdir: Path,
+                  min_share: float = 0.0, log=print) -> dict:
+    """Pseudo-label ``unlabeled`` with ``teacher`` once, then train the teacher's configuration from scratch,
+    supervised, on ``training`` x ``repeat`` + the pseudo-labeled images; scored on ``validation`` each epoch."""
+    if repeat < 1:
+        raise ValueError("--repeat must be at least 1")
+    if not datalist.get("validation"):
+        raise ValueError("the datalist needs 'validation' scans (with masks) to score on")
+    if not unlabeled:
+        raise ValueError("the datalist has no 'unlabeled' scans to pseudo-label")
+    t0 = time.time()
+    pseudo = write_pseudo_labels(teacher, unlabeled, workdir, min_share)
+    log(f"pseudo-labeled {len(pseudo)} of {len(unlabeled)} unlabeled images ({time.time() - t0:.0f} s)")
+    _, cfg = load_checkpoint(teacher)
+    cfg["ssl"]["enabled"] = False
+    cfg["train"]["seed"] = seed
+    t0 = time.time()
+    trainer = SegmentationTrainer(cfg, {"training": list(datalist["training"]) * repeat + pseudo,
+                                        "validation": datalist["validation"]})
+    curve = [h["val_dice"] for h in trainer.fit()["history"]]
+    result = {"pseudo_labeled": len(pseudo), "unlabeled": len(unlabeled), "final": curve[-1], "best": max(curve),
+              "curve": curve, "seconds": time.time() - t0}
+    log(f"self-training: final {curve[-1]:.3f} best {max(curve):.3f} ({result['seconds']:.0f} s)")
+    return result
+
+
+def _study_b() -> dict:
+    """Study B's fixed split: italy's 40 training and 10 validation slices, and the two unlabeled sites."""
+    from fssl_covid.experiment import study_real2d
+    with tempfile.TemporaryDirectory() as tmp:  # study_real2d writes its split.json there
+        sites = study_real2d(Path(tmp), quick=False).sites
+    return {"training": sites["italy"]["training"], "validation": sites["italy"]["validation"],
+            "unlabeled": sites["coronacases"]["unlabeled"] + sites["radiopaedia"]["unlabeled"]}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
@@ -98,24 +169,32 @@ def main(argv=None) -> int:
     ind.add_argument("--seed", type=int, default=0)
     ind.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ind.add_argument("--out", help="write the results as JSON here")
+    st = sub.add_parser("self-training", help="pseudo-label the unlabeled scans once, retrain supervised")
+    st.add_argument("--teacher", required=True, help="checkpoint that pseudo-labels (its config is the student's)")
+    st.add_argument("--datalist", required=True,
+                    help="with 'training', 'validation' and 'unlabeled' entries, or 'study_b'")
+    st.add_argument("--repeat", type=int, default=1, help="each labeled scan counts this many times")
+    st.add_argument("--min-share", type=float, default=0.0,
+                    help="leave out images whose predicted lesion share is below this")
+    st.add_argument("--seed", type=int, default=0)
+    st.add_argument("--threads", type=int, default=0)
+    st.add_argument("--workdir", help="where the pseudo-label masks go (default: a temporary folder)")
+    st.add_argument("--out", help="write the results as JSON here")
     args = ap.parse_args(argv)
     if args.command == "pseudo-labels":
         print(json.dumps(pseudo_label_bias(args.model, load_datalist(args.datalist)[args.key]), indent=1))
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = load_config(config_path(args.config))
-    if args.datalist == "study_b":
-        import tempfile
-
-        from fssl_covid.experiment import study_real2d
-        with tempfile.TemporaryDirectory() as tmp:  # study_real2d writes its split.json there
-            italy = study_real2d(Path(tmp), quick=False).sites["italy"]
-        datalist = {"training": italy["training"], "validation": italy["validation"]}
-    else:
-        datalist = load_datalist(args.datalist)
+    datalist = _study_b() if args.datalist == "study_b" else load_datalist(args.datalist)
     try:
-        results = in_domain(cfg, datalist, args.labeled, json.loads(Path(args.arms).read_text()), args.seed)
+        if args.command == "self-training":
+            with tempfile.TemporaryDirectory() as tmp:
+                results = self_training(args.teacher, datalist, datalist["unlabeled"], args.repeat, args.seed,
+                                        Path(args.workdir or tmp), args.min_share)
+        else:
+            results = in_domain(load_config(config_path(args.config)), datalist, args.labeled,
+                                json.loads(Path(args.arms).read_text()), args.seed)
     except (ValueError, OSError) as e:  # ConfigError is a ValueError; a bad --arms file too
         print(f"error: {e}", file=sys.stderr)
         return 2
