@@ -167,3 +167,34 @@ def test_flip_tta_averages_the_probabilities_of_the_flipped_views(tiny_2d, tiny_
     assert tta.shape == plain.shape
     assert torch.allclose(torch.softmax(tta, dim=1), torch.stack(views).mean(0), atol=1e-5)
     assert not torch.allclose(torch.softmax(tta, dim=1), plain, atol=1e-4)  # the views do differ
+
+
+def test_lesion_ce_weight_reweights_only_the_cross_entropy(tiny_2d):
+    """supervised_loss(w) = lesion Dice (unscaled) + cross-entropy with class weights [1, w]; w = 1 is plain
+    DiceCE; a weight that is not positive is refused."""
+    from monai.losses import DiceLoss
+
+    from fssl_covid.config import ConfigError
+    from fssl_covid.trainer import supervised_loss
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 2, 16, 16)
+    labels = (torch.rand(2, 1, 16, 16) > 0.8).float()
+    dice = DiceLoss(to_onehot_y=True, softmax=True, include_background=False, batch=True)(logits, labels)
+    for w in (1.0, 3.0):
+        ce = torch.nn.functional.cross_entropy(logits, labels[:, 0].long(), weight=torch.tensor([1.0, w]))
+        assert supervised_loss(w)(logits, labels).item() == pytest.approx((dice + ce).item(), rel=1e-5)
+    # with the weight, missing lesion pixels costs more than calling as many background pixels lesion
+    def prediction(lesion: torch.Tensor) -> torch.Tensor:  # confident two-class logits of a 0/1 mask
+        return torch.cat([1.0 - 2.0 * lesion, 2.0 * lesion - 1.0], dim=1) * 3.0
+
+    lesion = labels.bool()
+    missed = lesion & (torch.rand(lesion.shape) < 0.5)
+    extra = torch.zeros_like(lesion).flatten()
+    extra[torch.nonzero(~lesion.flatten())[: int(missed.sum())]] = True
+    under, over = prediction((lesion & ~missed).float()), prediction((lesion | extra.view_as(lesion)).float())
+    plain, weighted = supervised_loss(1.0), supervised_loss(3.0)
+    assert weighted(under, labels) - weighted(over, labels) > plain(under, labels) - plain(over, labels) + 0.05
+    tiny_2d["train"]["lesion_ce_weight"] = 0
+    with pytest.raises(ConfigError, match="lesion_ce_weight"):
+        SegmentationTrainer(tiny_2d, {})

@@ -121,6 +121,9 @@ DEFAULTS: dict[str, Any] = {
         # Augmentation of labeled batches (same batched perturbation as the SSL strong view).
         "augment": {"noise_std": 0.02, "intensity_scale": 0.1, "intensity_shift": 0.05,
                     "flip_prob": 0.5, "rotate_deg": 10.0, "scale": 0.1},
+        # Weight of the lesion class in the supervised cross-entropy (background 1; the Dice term keeps its scale).
+        # Plain CE lets the abundant background pull uncertain lesion pixels below 0.5: models under-segment.
+        "lesion_ce_weight": 1.0,
         "amp": True,  # only used on CUDA
         "seed": 0,
         "num_threads": 0,  # torch CPU threads; 0 keeps torch's default
@@ -260,6 +263,8 @@ def _check(cfg: dict) -> None:
         raise ConfigError(f"train.scheduler must be 'cosine' or 'constant', got '{train['scheduler']}'")
     if int(data["num_workers"]) < -1:
         raise ConfigError(f"data.num_workers must be -1 (auto) or at least 0, got {data['num_workers']}")
+    if not float(train["lesion_ce_weight"]) > 0.0:
+        raise ConfigError(f"train.lesion_ce_weight must be positive, got {train['lesion_ce_weight']}")
     for key in ("batch_size", "unlabeled_batch_size", "iterations_per_epoch", "epochs"):
         if int(train[key]) < 1:
             raise ConfigError(f"train.{key} must be at least 1, got {train[key]}")

@@ -94,7 +94,7 @@ class SegmentationTrainer:
         self.model = build_network(**self.cfg["network"]).to(self.device)
         self.optimizer = self._make_optimizer()
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
-        self.sup_loss = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False, batch=True)
+        self.sup_loss = supervised_loss(float(tcfg["lesion_ce_weight"])).to(self.device)
         self.generator = torch.Generator().manual_seed(self.seed)
         self.augment = Perturbation(tcfg["augment"], self.generator)
         self.consistency = ConsistencyObjective(self.cfg["ssl"], self.generator)
@@ -360,6 +360,15 @@ def load_checkpoint(path: str | Path, config: Mapping | None = None) -> tuple[di
         raise ValueError(f"checkpoint {path} carries no configuration and no job config is beside it: pass one "
                          "(--config: a config JSON, or the job's folder or config_fed_client.json)")
     return state, resolve_config(cfg)
+
+
+def supervised_loss(lesion_ce_weight: float = 1.0) -> DiceCELoss:
+    """Dice (lesion class, over the batch) + cross-entropy with the lesion class weighted ``lesion_ce_weight``.
+
+    MONAI's DiceCELoss passes its class ``weight`` to the Dice term too, which ignores it here (one class left
+    without the background): only the cross-entropy's class balance changes (tests/test_trainer.py checks)."""
+    weight = torch.tensor([1.0, lesion_ce_weight]) if lesion_ce_weight != 1.0 else None
+    return DiceCELoss(to_onehot_y=True, softmax=True, include_background=False, batch=True, weight=weight)
 
 
 def _frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
