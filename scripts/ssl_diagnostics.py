@@ -95,8 +95,8 @@ def in_domain(cfg: dict, datalist: dict, n_labeled: int, arms: dict, seed: int, 
 
 def write_pseudo_labels(model: str, cases: list[dict], out: Path, min_share: float = 0.0) -> list[dict]:
     """The model's lesion mask (probability >= 0.5, at the image's own size) for each unlabeled image, written as
-    NIfTI into ``out`` (never beside the data); images whose predicted lesion share is below ``min_share`` are left out.
-    Returns the datalist entries {"image": original image, "label": pseudo-label file}."""
+    NIfTI into ``out`` (never beside the data); images whose predicted lesion share is below ``min_share`` are
+    left out.  Returns the datalist entries {"image": original image, "label": pseudo-label file}."""
     state, cfg = load_checkpoint(model)
     if cfg["data"]["spatial_dims"] != 2:
         raise ValueError("self-training is implemented for 2D slices (the model's configuration is 3D)")
