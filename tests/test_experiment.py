@@ -95,3 +95,21 @@ def test_the_teacher_ablation_is_the_teacher_the_study_does_not_use():
     swapped = with_teacher_ablation(ALL_METHODS, resolve_config({"ssl": {"teacher": "ema"}}))
     assert "fssl_ema_teacher" not in swapped and swapped[-1] == "fssl_global_teacher"
     assert FEDERATED["fssl_global_teacher"][1] == {"ssl": {"teacher": "global"}}
+
+
+def test_federated_jobs_get_the_methods_unlabeled_term(tmp_path):
+    """The study's configuration is merged over the job's: fedavg_supervised must still train without the unlabeled
+    term (it once ran semi-supervised at the unlabeled sites), every fssl variant with it."""
+    from fssl_covid.experiment import FEDERATED, federated_settings, study_synthetic3d
+    from fssl_covid.jobs import customize_job, job_training_config
+
+    study = study_synthetic3d(tmp_path / "study", quick=True)
+    assert study.config["ssl"]["enabled"]
+    for method in ("fedavg_supervised", "fssl", "fssl_no_threshold"):
+        cfg, executor_args, rounds = federated_settings(study, method, seed=3)
+        job = customize_job(FEDERATED[method][0], tmp_path / method, rounds=rounds, config=cfg,
+                            executor_args=executor_args, job_name=method)
+        written = job_training_config(job)
+        assert written["ssl"]["enabled"] is (method != "fedavg_supervised"), method
+        assert written["train"]["seed"] == 3 and written["train"]["epochs"] == 1
+        assert rounds == study.config["train"]["epochs"]

@@ -49,7 +49,9 @@ SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 
 # method -> (job in jobs/, training-config patch, executor args, FLARE privacy filters on the sites' train results)
 FEDERATED = {
-    "fedavg_supervised": ("fedavg_supervised", {}, {}, []),
+    # the study's configuration is merged over the job's: the supervised baseline must switch the unlabeled term off
+    # itself (without it, its unlabeled sites trained semi-supervised, as in fssl)
+    "fedavg_supervised": ("fedavg_supervised", {"ssl": {"enabled": False}}, {}, []),
     "fssl": ("fssl_covid_seg", {}, {}, []),
     "fssl_no_upweight": ("fssl_covid_seg", {}, {"labeled_weight": 1.0}, []),
     "fssl_no_threshold": ("fssl_covid_seg", {"ssl": {"confidence_threshold": 0.0}}, {}, []),
@@ -208,14 +210,21 @@ def run_centralized(study: Study, method: str, seed: int, out: Path, device: str
     return runs
 
 
-def run_federated(study: Study, method: str, seed: int, out: Path, device: str, poc: bool = False) -> dict:
-    job_name, config_patch, method_args, privacy = FEDERATED[method]
-    executor_args = {**study.executor_args, **method_args}
+def federated_settings(study: Study, method: str, seed: int) -> tuple[dict, dict, int]:
+    """(training config, executor args, rounds) of a federated method: one local epoch per round, so the same
+    total number of local epochs as the centralized methods; the method's patch over the study's config."""
+    _, config_patch, method_args, _ = FEDERATED[method]
     cfg = copy.deepcopy(study.config)
     cfg["train"]["seed"] = seed
     rounds = int(cfg["train"]["epochs"])
-    cfg["train"]["epochs"] = 1  # one local epoch per round: the same total number of local epochs
+    cfg["train"]["epochs"] = 1
     deep_update(cfg, config_patch)
+    return cfg, {**study.executor_args, **method_args}, rounds
+
+
+def run_federated(study: Study, method: str, seed: int, out: Path, device: str, poc: bool = False) -> dict:
+    job_name, _, _, privacy = FEDERATED[method]
+    cfg, executor_args, rounds = federated_settings(study, method, seed)
     run_dir = (out / method).resolve()  # FLARE's processes run elsewhere: every path they are given is absolute
     sites = list(study.sites)
     datalists = {}  # each site's settings (its local/fssl_site.json)
