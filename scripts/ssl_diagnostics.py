@@ -12,7 +12,7 @@
         --arms arms.json [--seed 0] [--threads 2]
 
     # Offline self-training (Semi-Inf-Net style): a trained model pseudo-labels the unlabeled scans once (its
-    # prediction at 0.5, with the model's test-time flips), then a new model of the same configuration trains
+    # `fssl predict` masks: threshold 0.5, with the model's test-time flips), then a new model of the same configuration trains
     # supervised, from scratch and for the same budget, on the labeled scans (each repeated --repeat times) and
     # the pseudo-labeled ones.  "--datalist study_b": unlabeled = coronacases and radiopaedia.
     python scripts/ssl_diagnostics.py self-training --teacher results/study_b/seed0/local/model_final.pt \
@@ -35,12 +35,12 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "custom"))
 
 from fssl_covid.config import config_path, load_config, resolve_config  # noqa: E402
 from fssl_covid.data import evaluation_dataset, load_datalist  # noqa: E402
+from fssl_covid.inference import predict_files  # noqa: E402
 from fssl_covid.jobs import deep_update  # noqa: E402
 from fssl_covid.trainer import SegmentationTrainer, load_checkpoint  # noqa: E402
 
@@ -94,27 +94,21 @@ def in_domain(cfg: dict, datalist: dict, n_labeled: int, arms: dict, seed: int, 
 
 
 def write_pseudo_labels(model: str, cases: list[dict], out: Path, min_share: float = 0.0) -> list[dict]:
-    """The model's lesion mask (probability >= 0.5, at the image's own size) for each unlabeled image, written as
-    NIfTI into ``out`` (never beside the data); images whose predicted lesion share is below ``min_share`` are
-    left out.  Returns the datalist entries {"image": original image, "label": pseudo-label file}."""
+    """The model's lesion mask for each unlabeled image (``fssl predict``'s: at ``inference.threshold``, on the
+    image's own grid, same file name), written into ``out`` (never beside the data); masks whose lesion share is
+    below ``min_share`` are left out.  Returns the datalist entries {"image": image, "label": its mask}."""
+    images = [c["image"] for c in cases]
+    if len({Path(i).name for i in images}) != len(images):
+        raise ValueError("the unlabeled images' file names must be unique (their masks are named after them)")
     state, cfg = load_checkpoint(model)
-    if cfg["data"]["spatial_dims"] != 2:
-        raise ValueError("self-training is implemented for 2D slices (the model's configuration is 3D)")
     trainer = SegmentationTrainer(cfg, {})
     trainer.set_weights(state)
-    out.mkdir(parents=True, exist_ok=True)
     pseudo = []
-    images = [{"image": c["image"]} for c in cases]
-    for i, (case, item) in enumerate(zip(images, evaluation_dataset(cfg, images, with_label=False))):
-        prob = torch.softmax(trainer.predict_logits(item["image"][None].to(trainer.device)), 1)[:, 1:].cpu()
-        image = nib.load(case["image"])
-        prob = F.interpolate(prob, size=image.shape[:2], mode="bilinear", align_corners=False)[0, 0].numpy()
-        mask = (prob >= 0.5).astype(np.uint8)
-        if mask.mean() < min_share:
+    for image, mask in zip(images, predict_files(trainer, images, out)):
+        if np.asarray(nib.load(mask).dataobj).mean() < min_share:
+            mask.unlink()
             continue
-        path = out / f"pseudo_{i:05d}.nii.gz"
-        nib.save(nib.Nifti1Image(mask.reshape(image.shape), image.affine), str(path))
-        pseudo.append({"image": case["image"], "label": str(path)})
+        pseudo.append({"image": image, "label": str(mask)})
     return pseudo
 
 

@@ -93,6 +93,7 @@ def test_self_training_writes_the_teachers_masks_and_trains_on_them(tmp_path, ti
     # --min-share above every image's share keeps none
     assert ssl_diagnostics.write_pseudo_labels(str(tmp_path / "teacher.pt"), dl["training"], tmp_path / "none",
                                                min_share=1.01) == []
+    assert list((tmp_path / "none").iterdir()) == []  # the left-out masks are not left behind either
 
     out = tmp_path / "st.json"
     run = subprocess.run([sys.executable, str(ROOT / "scripts" / "ssl_diagnostics.py"), "self-training",
@@ -102,7 +103,7 @@ def test_self_training_writes_the_teachers_masks_and_trains_on_them(tmp_path, ti
     assert run.returncode == 0, run.stderr[-2000:]
     result = json.loads(out.read_text())
     assert result["unlabeled"] == 3 and result["pseudo_labeled"] == 3
-    assert len(list((tmp_path / "st").glob("pseudo_*.nii.gz"))) == 3
+    assert len(list((tmp_path / "st").glob("*_image.nii.gz"))) == 3  # one mask per unlabeled image
     assert len(result["curve"]) == 15 and 0.0 <= result["final"] <= result["best"] <= 1.0
     with pytest.raises(ValueError, match="unlabeled"):
         ssl_diagnostics.self_training(str(tmp_path / "teacher.pt"), dl, [], 1, 0, tmp_path / "x")
