@@ -141,3 +141,43 @@ def test_cutmix_moves_the_same_box_in_the_image_and_in_the_pseudo_labels():
     assert torch.isfinite(loss)
     with pytest.raises(ConfigError, match="cutmix_prob"):
         resolve_config({"ssl": {"cutmix_prob": 1.5}})
+
+
+def test_lesion_weight_weighs_the_teachers_lesion_voxels_in_every_unsupervised_loss():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 2, 6, 6)
+    labels = torch.randint(0, 2, (2, 6, 6))
+    mask = (torch.rand(2, 6, 6) > 0.3).float()
+    ce = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
+    lesion, background = mask * (labels == 1), mask * (labels == 0)
+    # class-balanced: the lesion class term counts w times the background term
+    terms = [(ce * background).sum() / background.sum(), (ce * lesion).sum() / lesion.sum()]
+    expected = mask.mean() * (terms[0] + 3.0 * terms[1]) / 4.0
+    got = masked_consistency_loss(logits, labels, mask, with_dice=False, lesion_weight=3.0)
+    assert torch.isclose(got, expected)
+    assert torch.isclose(masked_consistency_loss(logits, labels, mask, with_dice=False),
+                         mask.mean() * (terms[0] + terms[1]) / 2.0)
+    # without class balancing: per voxel
+    expected = (ce * (background + 3.0 * lesion)).sum() / mask.numel()
+    got = masked_consistency_loss(logits, labels, mask, with_dice=False, class_balanced=False, lesion_weight=3.0)
+    assert torch.isclose(got, expected)
+
+
+def test_soft_consistency_with_lesion_weight_counts_lesion_voxels_more():
+    """The mse objective, end to end: a student that disagrees with the teacher only on the teacher's lesion voxels
+    pays ssl.lesion_weight times more than at weight 1; disagreement on background costs the same."""
+    teacher = build_network(spatial_dims=2, channels=(4, 8), strides=(2,), num_res_units=0)
+    student = build_network(spatial_dims=2, channels=(4, 8), strides=(2,), num_res_units=0)
+    x = torch.rand(2, 1, 16, 16)
+    losses = {}
+    for w in (1.0, 3.0):
+        cfg = resolve_config({"ssl": {"unsup_loss": "mse", "confidence_threshold": 0.0, "lesion_weight": w,
+                                      "teacher_flip_tta": False,
+                                      "strong": {"noise_std": 0.0, "intensity_scale": 0.0, "intensity_shift": 0.0}}})
+        objective = ConsistencyObjective(cfg["ssl"], torch.Generator().manual_seed(0))
+        losses[w], stats = objective(student, teacher, x, autocast=contextlib.nullcontext)
+    assert 0.0 < stats["pseudo_lesion_fraction"] < 1.0  # the untrained teacher calls some voxels lesion, not all
+    # between 1x and 3x: the lesion voxels' share of the loss tripled, the background's unchanged
+    assert losses[1.0] < losses[3.0] < 3.0 * losses[1.0]
+    with pytest.raises(ConfigError, match="lesion_weight"):
+        resolve_config({"ssl": {"lesion_weight": 0}})

@@ -100,6 +100,9 @@ DEFAULTS: dict[str, Any] = {
         # into a mixed scene.  On Study B (40 labeled slices, 541 unlabeled from two other sources) the CutMix
         # objective lost 0.010 to the preset's (3 seeds), hence off by default.
         "cutmix_prob": 0.0,
+        # Weight of the voxels the teacher calls lesion in the unsupervised loss (background 1): the pseudo-label
+        # counterpart of train.lesion_ce_weight (class term weight for the class-balanced "ce"/"dice_ce").
+        "lesion_weight": 1.0,
         # The weak view is intensity-only, so the teacher's output stays on the image grid.
         "weak": {"noise_std": 0.0, "intensity_scale": 0.0, "intensity_shift": 0.0},
         "strong": {"noise_std": 0.05, "intensity_scale": 0.15, "intensity_shift": 0.1,
@@ -263,6 +266,8 @@ def _check(cfg: dict) -> None:
         raise ConfigError(f"train.scheduler must be 'cosine' or 'constant', got '{train['scheduler']}'")
     if int(data["num_workers"]) < -1:
         raise ConfigError(f"data.num_workers must be -1 (auto) or at least 0, got {data['num_workers']}")
+    if not float(ssl["lesion_weight"]) > 0.0:
+        raise ConfigError(f"ssl.lesion_weight must be positive, got {ssl['lesion_weight']}")
     if not float(train["lesion_ce_weight"]) > 0.0:
         raise ConfigError(f"train.lesion_ce_weight must be positive, got {train['lesion_ce_weight']}")
     for key in ("batch_size", "unlabeled_batch_size", "iterations_per_epoch", "epochs"):

@@ -10,7 +10,9 @@ For an unlabeled batch ``x``:
    with ``ssl.cutmix_prob`` a box of the next sample is first pasted into the student's view and into the warped
    teacher probabilities alike (CutMix);
 4. the unsupervised loss is the masked cross-entropy (plus a masked soft Dice on the lesion class) between the
-   student's prediction and the pseudo-labels.
+   student's prediction and the pseudo-labels, or (``mse``) the squared difference of the student's and the
+   teacher's probabilities on the confident voxels; ``ssl.lesion_weight`` weighs the voxels (classes) the teacher
+   calls lesion, as ``train.lesion_ce_weight`` does in the supervised loss.
 
 Perturbations run batched on the training device (GPU when present), so geometry is applied identically to the
 image and to the teacher's output without a round trip through per-sample CPU transforms.
@@ -142,30 +144,39 @@ def pseudo_labels(teacher_probs: torch.Tensor, threshold: float,
     return labels, mask.float()
 
 
+def lesion_weights(labels: torch.Tensor, lesion_weight: float) -> torch.Tensor:
+    """Per-voxel weights of a pseudo-label map: ``lesion_weight`` where the label is a lesion class, 1 elsewhere."""
+    return torch.where(labels > 0, float(lesion_weight), 1.0).to(labels.device)
+
+
 def masked_consistency_loss(student_logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
-                            with_dice: bool = True, class_balanced: bool = True, eps: float = 1e-5) -> torch.Tensor:
+                            with_dice: bool = True, class_balanced: bool = True, lesion_weight: float = 1.0,
+                            eps: float = 1e-5) -> torch.Tensor:
     """Class-balanced cross-entropy on confident voxels, plus optionally a soft Dice on the lesion class.
 
     The cross-entropy is averaged within each pseudo-class and then over the classes present, so the abundant,
     confidently predicted background cannot drown the few lesion voxels (which would teach an unlabeled site to
     erase lesions).  Each class term is scaled by the confident share of the voxels, so a batch with few confident
-    voxels gives a small loss.  The Dice term covers the batch's confident voxels jointly.
+    voxels gives a small loss.  The Dice term covers the batch's confident voxels jointly.  ``lesion_weight``
+    weighs the lesion classes against background (their class terms, or their voxels without class balancing).
     """
     ce = F.cross_entropy(student_logits.float(), labels, reduction="none")
     coverage = mask.mean()
     if not class_balanced:
-        loss = (ce * mask).sum() / mask.numel()
-        terms = [loss]
+        loss = (ce * mask * lesion_weights(labels, lesion_weight)).sum() / mask.numel()
+        terms, weights = [loss], [1.0]
         coverage = 1.0
     else:
-        terms = []
+        terms, weights = [], []
     for c in range(student_logits.shape[1]) if class_balanced else ():
         m = mask * (labels == c).float()
         if m.sum() > 0:
             terms.append((ce * m).sum() / m.sum())
+            weights.append(1.0 if c == 0 else float(lesion_weight))
     if not terms:
         return (student_logits.float() * 0.0).sum()
-    loss = coverage * torch.stack(terms).mean()
+    w = torch.tensor(weights, device=student_logits.device)
+    loss = coverage * (torch.stack(terms) * w).sum() / w.sum()
     if with_dice:
         probs = torch.softmax(student_logits.float(), dim=1)[:, 1:]
         onehot = F.one_hot(labels, student_logits.shape[1]).movedim(-1, 1)[:, 1:].float()
@@ -239,10 +250,11 @@ class ConsistencyObjective:
         if self.cfg["unsup_loss"] == "mse":
             # Mean-Teacher style soft consistency on confident voxels
             diff = (torch.softmax(logits.float(), dim=1) - probs).pow(2).sum(dim=1)
-            loss = (diff * mask).sum() / mask.numel()
+            loss = (diff * mask * lesion_weights(labels, self.cfg["lesion_weight"])).sum() / mask.numel()
         else:
             loss = masked_consistency_loss(logits, labels, mask, with_dice=self.cfg["unsup_loss"] == "dice_ce",
-                                           class_balanced=self.cfg["class_balanced"])
+                                           class_balanced=self.cfg["class_balanced"],
+                                           lesion_weight=self.cfg["lesion_weight"])
         stats = {"confident_fraction": float(mask.mean()),
                  "pseudo_lesion_fraction": float((labels > 0).float().mul(mask).sum() / mask.sum().clamp(min=1))}
         return loss, stats
