@@ -19,8 +19,13 @@ def test_rampup_is_zero_during_warmup_then_reaches_one():
     assert values == sorted(values) and values[0] < 0.01 and values[-1] == 1.0
     cfg = resolve_config({"ssl": {"unsup_weight": 0.5, "warmup_epochs": 1, "rampup_epochs": 0}})["ssl"]
     assert unsup_weight(cfg, 0) == 0.0 and unsup_weight(cfg, 1) == 0.5
+    cfg["final_supervised_epochs"] = 3  # off in the last 3 of 10 epochs, whatever the ramp says
+    assert [unsup_weight(cfg, e, total_epochs=10) for e in (6, 6.9, 7, 9.5)] == [0.5, 0.5, 0.0, 0.0]
+    assert unsup_weight(cfg, 9) == 0.5  # without a horizon there is no end to count back from
     cfg["enabled"] = False
     assert unsup_weight(cfg, 10) == 0.0
+    with pytest.raises(ConfigError, match="final_supervised_epochs"):
+        resolve_config({"ssl": {"final_supervised_epochs": -1}})
 
 
 def test_pseudo_label_filter_keeps_confident_voxels_only():

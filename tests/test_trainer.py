@@ -39,6 +39,23 @@ def test_site_without_labels_trains_on_the_unsupervised_term_only(synthetic_site
     assert any(not torch.equal(w0[k], res.weights[k]) for k in w0 if w0[k].dtype.is_floating_point)
 
 
+def test_final_supervised_epochs_switch_the_unlabeled_term_off_at_the_end(synthetic_sites, tiny_3d):
+    """ssl.final_supervised_epochs: in the last rounds an unlabeled-only site trains nothing and sends weight 0 (its
+    model unchanged), a labeled site trains supervised only; before them both use the unlabeled term."""
+    tiny_3d["ssl"].update({"confidence_threshold": 0.0, "final_supervised_epochs": 1})  # epochs per round: 1
+    japan = SegmentationTrainer(tiny_3d, load_datalist(synthetic_sites["japan"]))
+    w0 = japan.get_weights()
+    assert japan.run_round(None, round_index=2, total_rounds=4).n_unlabeled == 4  # past warm-up, before the end
+    japan.set_weights(w0)
+    last = japan.run_round(None, round_index=3, total_rounds=4)
+    assert last.iterations == 0 and last.n_unlabeled == 0 and last.unlabeled_samples_seen == 0
+    assert all(torch.equal(w0[k], last.weights[k]) for k in w0)
+    china = SegmentationTrainer(tiny_3d, load_datalist(synthetic_sites["china"]))
+    assert china.run_round(None, round_index=2, total_rounds=4).unlabeled_samples_seen > 0
+    last = china.run_round(None, round_index=3, total_rounds=4)
+    assert last.unlabeled_samples_seen == 0 and last.labeled_samples_seen > 0 and last.losses["unsup_loss"] == 0.0
+
+
 def _update_norm(before: dict, after: dict) -> float:
     return sum(float((after[k].float() - before[k].float()).pow(2).sum()) for k in before) ** 0.5
 

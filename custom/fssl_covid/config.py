@@ -84,6 +84,10 @@ DEFAULTS: dict[str, Any] = {
         "unsup_weight": 1.0,
         "warmup_epochs": 1,
         "rampup_epochs": 4,
+        # The unsupervised term is off in the last N epochs of the horizon (in FL the last rounds: unlabeled-only
+        # sites then train nothing and send weight 0), so training ends with supervised fine-tuning on the labeled
+        # data, as Noisy Student / Semi-Inf-Net end on labels.  0: the term stays on to the end.
+        "final_supervised_epochs": 0,
         # Learning-rate factor for a site with no labeled data (it trains on the unsupervised term alone).
         # Adam's step does not shrink with the loss, so lambda cannot make such a site's update small; this does.
         # Measured on the synthetic federation (tiny 3D UNet, 4 rounds of 20 iterations, 4 seeds): 1.0 let the unlabeled-only site
@@ -266,6 +270,8 @@ def _check(cfg: dict) -> None:
         raise ConfigError(f"train.scheduler must be 'cosine' or 'constant', got '{train['scheduler']}'")
     if int(data["num_workers"]) < -1:
         raise ConfigError(f"data.num_workers must be -1 (auto) or at least 0, got {data['num_workers']}")
+    if int(ssl["final_supervised_epochs"]) < 0:
+        raise ConfigError(f"ssl.final_supervised_epochs must be at least 0, got {ssl['final_supervised_epochs']}")
     if not float(ssl["lesion_weight"]) > 0.0:
         raise ConfigError(f"ssl.lesion_weight must be positive, got {ssl['lesion_weight']}")
     if not float(train["lesion_ce_weight"]) > 0.0:

@@ -38,9 +38,13 @@ def sigmoid_rampup(t: float, warmup: float, length: float) -> float:
     return float(math.exp(-5.0 * (1.0 - p) ** 2))
 
 
-def unsup_weight(ssl_cfg: Mapping, epoch: float) -> float:
-    """lambda(t): the weight of the unsupervised term at (global) epoch ``epoch``."""
+def unsup_weight(ssl_cfg: Mapping, epoch: float, total_epochs: float | None = None) -> float:
+    """lambda(t): the weight of the unsupervised term at (global) epoch ``epoch`` of ``total_epochs`` (all rounds in
+    FL); 0 in the last ``ssl.final_supervised_epochs`` of them (supervised fine-tuning at the end)."""
     if not ssl_cfg["enabled"]:
+        return 0.0
+    final = int(ssl_cfg["final_supervised_epochs"])
+    if final > 0 and total_epochs is not None and epoch >= total_epochs - final:
         return 0.0
     return float(ssl_cfg["unsup_weight"]) * sigmoid_rampup(epoch, ssl_cfg["warmup_epochs"], ssl_cfg["rampup_epochs"])
 

@@ -238,7 +238,7 @@ class SegmentationTrainer:
         self.model.train()
         for e in range(epochs):
             epoch = start_epoch + e
-            lam = unsup_weight(self.cfg["ssl"], epoch) if self._unlabeled_batches is not None else 0.0
+            lam = unsup_weight(self.cfg["ssl"], epoch, total_epochs) if self._unlabeled_batches is not None else 0.0
             if self._labeled_batches is None and lam == 0.0:
                 continue  # unlabeled-only site during warm-up: nothing to learn from yet
             teacher = self._teacher(received) if lam > 0 else None
