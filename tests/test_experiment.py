@@ -9,6 +9,7 @@ import torch
 from conftest import COVID_SEMISEG
 from fssl_covid.cli import main as fssl
 from fssl_covid.networks import build_network
+from fssl_covid.trainer import SegmentationTrainer
 
 pytestmark = pytest.mark.slow
 
@@ -59,6 +60,16 @@ def test_quick_synthetic3d_study(tmp_path):
     results = _check_results(out, ["local_china", "local_italy", "centralized", "fssl"],
                              ["china", "italy", "japan"], floor=0.05)
     assert results["methods"]["fssl"]["0"]["trained_at"] == ["china", "italy", "japan"]
+    # paired by seed: FLARE's server starts from the network a centralized trainer of the same seed starts from
+    job = out / "seed0" / "fssl" / "job" / "fssl" / "app"
+    server = json.loads((job / "config" / "config_fed_server.json").read_text())
+    persistor = next(c for c in server["components"] if c["id"] == "persistor")
+    start = torch.load(job / "custom" / persistor["args"]["source_ckpt_file_full_name"], weights_only=True)["model"]
+    cfg = {**results["config"], "train": {**results["config"]["train"], "seed": 0}}
+    trainer_start = SegmentationTrainer(cfg, {}, device="cpu").get_weights()
+    assert start.keys() == trainer_start.keys() and all(torch.equal(start[k], trainer_start[k]) for k in start)
+    other_seed = SegmentationTrainer({**cfg, "train": {**cfg["train"], "seed": 1}}, {}, device="cpu").get_weights()
+    assert not all(torch.equal(start[k], other_seed[k]) for k in start)
 
 
 def test_experiment_refuses_bad_settings_before_training(tmp_path, capsys):

@@ -42,6 +42,7 @@ from .config import PRESETS_DIR, resolve_config
 from .data import evaluation_dataset, load_datalist
 from .inference import dice_at, threshold_averaged_dice
 from .jobs import REPO, customize_job, deep_update, flare_env, run_simulator, write_site_configs
+from .networks import initial_network
 from .results import find_job_outputs, load_cross_site
 from .trainer import SegmentationTrainer, save_checkpoint
 
@@ -234,8 +235,13 @@ def run_federated(study: Study, method: str, seed: int, out: Path, device: str, 
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({k: data[k] for k in ("training", "validation", "unlabeled", "test")}))
         datalists[site] = {"datalist": str(path), "device": device, "num_threads": 1, "eval_key": study.eval_key}
+    # the server starts from the network the centralized methods of this seed start from (not an unseeded one of
+    # its own): the methods of one seed are paired, and a federated run repeats
+    full_cfg = resolve_config(cfg)
+    init = run_dir / "initial_model.pt"
+    save_checkpoint(init, initial_network(full_cfg["network"], seed).state_dict(), full_cfg)
     job = customize_job(job_name, run_dir / "job", rounds=rounds, config=cfg, executor_args=executor_args,
-                        min_clients=len(sites), job_name=method, privacy=privacy)
+                        min_clients=len(sites), job_name=method, privacy=privacy, init_model=init)
     t0 = time.time()
     if poc:
         outputs, log = _run_in_poc(job, run_dir / "poc", datalists, method)
@@ -248,7 +254,6 @@ def run_federated(study: Study, method: str, seed: int, out: Path, device: str, 
         outputs, log = find_job_outputs(run_dir / "simulator" / "server" / "simulate_job"), proc.stdout + proc.stderr
     final = torch.load(outputs["global_model"], weights_only=True)["model"]
     best = torch.load(outputs["best_model"], weights_only=True)["model"] if outputs["best_model"] else final
-    full_cfg = resolve_config(cfg)
     save_checkpoint(run_dir / "model_final.pt", final, full_cfg)
     save_checkpoint(run_dir / "model_best.pt", best, full_cfg)
     return {method: {"curve": _round_curve(log, study), "seconds": time.time() - t0,

@@ -11,6 +11,7 @@ from typing import Mapping, Sequence
 
 import torch
 from monai.networks.nets import SegResNet, UNet
+from monai.utils import set_determinism
 
 
 def build_network(
@@ -55,6 +56,14 @@ def build_network(
             dropout_prob=dropout or None,
         )
     raise ValueError(f"unknown network '{name}' (use 'unet' or 'segresnet')")
+
+
+def initial_network(network: Mapping, seed: int) -> torch.nn.Module:
+    """The network as training starts from it at ``seed``: the global RNGs seeded (MONAI's ``set_determinism``),
+    then built.  A trainer builds its model with this, and the experiment runner gives FLARE's server the same
+    weights as a federated run's initial global model, so every method of one seed starts from one network."""
+    set_determinism(seed=int(seed))
+    return build_network(**network)
 
 
 def weights_mismatch(weights: Mapping, expected: Mapping) -> str | None:

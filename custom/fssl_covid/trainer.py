@@ -24,7 +24,7 @@ from monai.utils import set_determinism
 
 from .config import job_training_config, resolve_config
 from .data import evaluation_dataset, evaluation_loader, infinite_batches, loader_workers, training_dataset
-from .networks import build_network, weights_mismatch
+from .networks import initial_network, weights_mismatch
 from .ssl import ConsistencyObjective, Perturbation, teacher_probabilities, unsup_weight
 from .validation import data_expectations, usable_cases
 
@@ -77,8 +77,6 @@ class SegmentationTrainer:
             torch.set_num_threads(int(tcfg["num_threads"]))
         self.device = resolve_device(device)
         self.use_amp = bool(tcfg["amp"]) and self.device.type == "cuda"
-        if self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True
 
         self.labeled_cases = list(datalist.get("training") or [])
         self.unlabeled_cases = list(datalist.get("unlabeled") or []) if self.cfg["ssl"]["enabled"] else []
@@ -91,7 +89,9 @@ class SegmentationTrainer:
             self.skipped_cases[key] = len(cases) - len(kept)
             setattr(self, attr, kept)
 
-        self.model = build_network(**self.cfg["network"]).to(self.device)
+        self.model = initial_network(self.cfg["network"], self.seed).to(self.device)  # re-seeds: same net as FL's
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # after set_determinism, which turns it off
         self.optimizer = self._make_optimizer()
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
         self.sup_loss = supervised_loss(float(tcfg["lesion_ce_weight"])).to(self.device)
