@@ -50,6 +50,11 @@ def test_quick_real2d_study(tmp_path):
     ckpt = torch.load(out / "seed0" / "fssl" / "model_best.pt", weights_only=True)
     build_network(**ckpt["config"]["network"]).load_state_dict(ckpt["model"])  # usable by fssl predict
     assert "coronacases" in results["description"]
+    # one numerics for all methods: the centralized trainers run on as many torch threads as each federated site
+    local_threads = torch.load(out / "seed0" / "local" / "model_final.pt", weights_only=True)["config"]["train"]
+    for site in ("italy", "coronacases", "radiopaedia"):
+        settings = json.loads((out / "seed0" / "fssl" / "site_configs" / site / "local" / "fssl_site.json").read_text())
+        assert settings["num_threads"] == local_threads["num_threads"] == 1, site
 
 
 def test_quick_synthetic3d_study(tmp_path):
