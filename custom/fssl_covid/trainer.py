@@ -20,7 +20,6 @@ import torch
 from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
 from monai.metrics import DiceMetric
-from monai.utils import set_determinism
 
 from .config import job_training_config, resolve_config
 from .data import evaluation_dataset, evaluation_loader, infinite_batches, loader_workers, training_dataset
@@ -72,7 +71,6 @@ class SegmentationTrainer:
         self.log = logger or log
         tcfg = self.cfg["train"]
         self.seed = int(tcfg["seed"])
-        set_determinism(seed=self.seed)
         if tcfg["num_threads"]:
             torch.set_num_threads(int(tcfg["num_threads"]))
         self.device = resolve_device(device)
@@ -89,7 +87,7 @@ class SegmentationTrainer:
             self.skipped_cases[key] = len(cases) - len(kept)
             setattr(self, attr, kept)
 
-        self.model = initial_network(self.cfg["network"], self.seed).to(self.device)  # re-seeds: same net as FL's
+        self.model = initial_network(self.cfg["network"], self.seed).to(self.device)  # seeds the global RNGs
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # after set_determinism, which turns it off
         self.optimizer = self._make_optimizer()
