@@ -1,6 +1,7 @@
 """Data contract and loading of 2D slices and 3D volumes (real NIfTI files on disk)."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -71,6 +72,19 @@ def test_real_covid_semiseg_slices_load(tiny_2d):
     assert len(dl["training"]) == 50 and dl["unlabeled"] == []
     item = evaluation_dataset(cfg, dl["training"][:2])[0]
     assert tuple(item["image"].shape) == (1, 64, 64) and item["label"].max() == 1.0
+
+
+def test_a_relative_datalist_gives_absolute_paths(tmp_path, monkeypatch, synthetic_sites):
+    """FLARE's simulator and clients run in other folders: a datalist named by a relative path (``fssl experiment
+    real2d --data ../shared/data/covid_semiseg``) must still give cases they can open."""
+    datalist = Path(synthetic_sites["china"])
+    monkeypatch.chdir(datalist.parent.parent)
+    relative = load_datalist(f"{datalist.parent.name}/{datalist.name}")
+    monkeypatch.chdir(tmp_path)  # somewhere else, as a FLARE client is
+    for key in ("training", "unlabeled", "test"):
+        assert relative[key] and relative[key] == load_datalist(datalist)[key]
+        for case in relative[key]:
+            assert all(Path(p).is_absolute() and Path(p).is_file() for p in case.values())
 
 
 def test_datalist_errors_name_the_file_and_the_problem(tmp_path, synthetic_sites, tiny_2d):

@@ -129,3 +129,26 @@ def test_federated_jobs_get_the_methods_unlabeled_term(tmp_path):
         assert written["ssl"]["enabled"] is (method != "fedavg_supervised"), method
         assert written["train"]["seed"] == 3 and written["train"]["epochs"] == 1
         assert rounds == study.config["train"]["epochs"]
+
+
+def test_a_federated_run_in_which_no_site_trained_is_an_error(tmp_path, tiny_2d):
+    """A study whose sites cannot open their scans must not report the untouched initial network as the method's
+    result (it once did, when `--data` was a relative path the FLARE clients could not resolve)."""
+    from fssl_covid.config import resolve_config
+    from fssl_covid.data import load_datalist
+    from fssl_covid.experiment import Study, run_federated
+
+    from conftest import write_slice_site
+
+    sites = {}
+    for i, site in enumerate(("a", "b")):
+        cases = load_datalist(write_slice_site(tmp_path / "data" / site, n_labeled=3, n_unlabeled=2, seed=i))
+        sites[site] = {"training": cases["training"], "validation": cases["training"][:1],
+                       "unlabeled": cases["unlabeled"], "test": []}
+    for image in (tmp_path / "data").rglob("*_image.nii.gz"):
+        image.unlink()  # every scan gone: each site skips all its cases
+    cfg = resolve_config(tiny_2d)
+    cfg["train"].update({"epochs": 2, "iterations_per_epoch": 2, "batch_size": 2, "unlabeled_batch_size": 2})
+    study = Study("real2d", cfg, sites, "validation", ["fssl"])
+    with pytest.raises(RuntimeError, match="never changed from its initial weights.*simulator.log"):
+        run_federated(study, "fssl", seed=0, out=tmp_path / "out", device="cpu")

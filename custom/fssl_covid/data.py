@@ -57,7 +57,8 @@ def load_datalist(path: str | Path, data_root: str | Path | None = None) -> dict
         raise DataError(f"datalist {path} is not valid JSON: {e}") from e
     if not isinstance(raw, dict) or not any(k in raw for k in DATALIST_KEYS):
         raise DataError(f"datalist {path} has none of the keys {', '.join(DATALIST_KEYS)}")
-    root = Path(data_root) if data_root is not None else path.parent
+    # absolute, so the cases stay valid in processes that run elsewhere (FLARE's simulator and clients)
+    root = (Path(data_root) if data_root is not None else path.parent).resolve()
     if not root.is_dir():
         raise DataError(f"data root {root} (for datalist {path}) does not exist")
     out: dict[str, list[dict]] = {}

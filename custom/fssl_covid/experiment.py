@@ -263,6 +263,11 @@ def run_federated(study: Study, method: str, seed: int, out: Path, device: str, 
                                f"see {run_dir / 'simulator.log'}")
         outputs, log = find_job_outputs(run_dir / "simulator" / "server" / "simulate_job"), proc.stdout + proc.stderr
     final = torch.load(outputs["global_model"], weights_only=True)["model"]
+    start = torch.load(init, weights_only=True)["model"]
+    if all(torch.equal(final[k], start[k]) for k in start):  # e.g. no site could open its cases
+        where = run_dir / ("poc_results" if poc else "simulator.log")
+        raise RuntimeError(f"{method}: the global model never changed from its initial weights: no site trained. "
+                           f"Each site's 'ready on' line in {where} says how many cases it could use.")
     best = torch.load(outputs["best_model"], weights_only=True)["model"] if outputs["best_model"] else final
     save_checkpoint(run_dir / "model_final.pt", final, full_cfg)
     save_checkpoint(run_dir / "model_best.pt", best, full_cfg)
