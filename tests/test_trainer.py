@@ -173,6 +173,7 @@ def test_loader_workers_give_the_same_kind_of_batches(synthetic_sites, tiny_3d):
 @pytest.mark.parametrize("dims", [2, 3])
 def test_flip_tta_averages_the_probabilities_of_the_flipped_views(tiny_2d, tiny_3d, dims):
     cfg = tiny_2d if dims == 2 else tiny_3d
+    cfg["train"]["amp"] = False  # the arithmetic of the average is under test, not mixed precision's rounding
     tr = SegmentationTrainer(cfg, {})
     size = cfg["data"]["patch_size"]
     x = torch.rand(2, 1, *size, generator=torch.Generator().manual_seed(0))
@@ -215,3 +216,22 @@ def test_lesion_ce_weight_reweights_only_the_cross_entropy(tiny_2d):
     tiny_2d["train"]["lesion_ce_weight"] = 0
     with pytest.raises(ConfigError, match="lesion_ce_weight"):
         SegmentationTrainer(tiny_2d, {})
+
+
+def test_a_diverging_run_skips_nonfinite_steps_then_stops_with_a_clear_error(tmp_path, tiny_2d):
+    """NaN losses (float16 overflow on a GPU, or a learning rate far too high) must neither reach the weights nor
+    let training run on for hours producing an empty-mask model: each such step is skipped, and
+    ``train.max_nonfinite_steps`` of them in a row end the training with TrainingDiverged."""
+    from fssl_covid.config import ConfigError, resolve_config
+    from fssl_covid.trainer import TrainingDiverged
+
+    for bad in ({"amp_dtype": "fp8"}, {"max_nonfinite_steps": 0}):
+        with pytest.raises(ConfigError, match=f"train.{next(iter(bad))}"):
+            resolve_config({**tiny_2d, "train": {**tiny_2d["train"], **bad}})
+    tiny_2d["train"].update({"lr": 1e30, "scheduler": "constant", "max_nonfinite_steps": 3, "epochs": 1,
+                             "iterations_per_epoch": 30, "augment": {}})
+    tr = SegmentationTrainer(tiny_2d, load_datalist(write_slice_site(tmp_path, n_labeled=4, n_unlabeled=0)))
+    with pytest.raises(TrainingDiverged, match=r"NaN or infinite for 3 iterations in a row .*(float32|autocast \w+), lr 1e\+30"):
+        tr.train_epochs(1)
+    assert tr._nonfinite_steps == 3
+    assert all(torch.isfinite(w).all() for w in tr.get_weights().values() if w.dtype.is_floating_point)

@@ -134,7 +134,13 @@ DEFAULTS: dict[str, Any] = {
         # Weight of the lesion class in the supervised cross-entropy (background 1; the Dice term keeps its scale).
         # Plain CE lets the abundant background pull uncertain lesion pixels below 0.5: models under-segment.
         "lesion_ce_weight": 1.0,
-        "amp": True,  # only used on CUDA
+        "amp": True,  # mixed precision, only used on CUDA
+        # "auto": bfloat16 where the GPU supports it (fp32's range: no overflow), else float16 with loss scaling.
+        # float16 overflowed in the forward pass of a wider 2D U-Net on an H200 (Study B, 2026-11-27): NaN losses.
+        "amp_dtype": "auto",
+        # Training stops with an error after this many consecutive iterations whose loss is not finite (each such
+        # step is skipped, so the weights are never touched by it).
+        "max_nonfinite_steps": 20,
         "seed": 0,
         "num_threads": 0,  # torch CPU threads; 0 keeps torch's default
     },
@@ -269,6 +275,10 @@ def _check(cfg: dict) -> None:
         raise ConfigError(f"ssl.confidence_threshold must be in [0, 1), got {ssl['confidence_threshold']}")
     if train["optimizer"] not in ("adamw", "sgd"):
         raise ConfigError(f"train.optimizer must be 'adamw' or 'sgd', got '{train['optimizer']}'")
+    if train["amp_dtype"] not in ("auto", "bfloat16", "float16"):
+        raise ConfigError(f"train.amp_dtype must be 'auto', 'bfloat16' or 'float16', got '{train['amp_dtype']}'")
+    if int(train["max_nonfinite_steps"]) < 1:
+        raise ConfigError(f"train.max_nonfinite_steps must be at least 1, got {train['max_nonfinite_steps']}")
     if train["scheduler"] not in ("cosine", "constant"):
         raise ConfigError(f"train.scheduler must be 'cosine' or 'constant', got '{train['scheduler']}'")
     if int(data["num_workers"]) < -1:

@@ -46,6 +46,17 @@ class RoundResult:
     aborted: bool = False
 
 
+class TrainingDiverged(RuntimeError):
+    """The loss stayed NaN or infinite for ``train.max_nonfinite_steps`` iterations in a row."""
+
+
+def amp_dtype(name: str, device: torch.device) -> torch.dtype:
+    """Autocast dtype of ``train.amp_dtype`` on a CUDA device: "auto" is bfloat16 where supported, else float16."""
+    if name == "float16" or (name == "auto" and not torch.cuda.is_bf16_supported(including_emulation=False)):
+        return torch.float16
+    return torch.bfloat16
+
+
 def resolve_device(device: str | None = "auto") -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -75,6 +86,7 @@ class SegmentationTrainer:
             torch.set_num_threads(int(tcfg["num_threads"]))
         self.device = resolve_device(device)
         self.use_amp = bool(tcfg["amp"]) and self.device.type == "cuda"
+        self.amp_dtype = amp_dtype(tcfg["amp_dtype"], self.device) if self.use_amp else None
 
         self.labeled_cases = list(datalist.get("training") or [])
         self.unlabeled_cases = list(datalist.get("unlabeled") or []) if self.cfg["ssl"]["enabled"] else []
@@ -91,12 +103,14 @@ class SegmentationTrainer:
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # after set_determinism, which turns it off
         self.optimizer = self._make_optimizer()
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+        # loss scaling only for float16 (bfloat16 has float32's exponent range)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.sup_loss = supervised_loss(float(tcfg["lesion_ce_weight"])).to(self.device)
         self.generator = torch.Generator().manual_seed(self.seed)
         self.augment = Perturbation(tcfg["augment"], self.generator)
         self.consistency = ConsistencyObjective(self.cfg["ssl"], self.generator)
         self.ema_teacher: torch.nn.Module | None = None
+        self._nonfinite_steps = 0  # consecutive iterations with a NaN/infinite loss, across calls (FL rounds)
 
         self._labeled_batches = self._batches(self.labeled_cases, True, tcfg["batch_size"])
         self._unlabeled_batches = self._batches(self.unlabeled_cases, False, tcfg["unlabeled_batch_size"])
@@ -126,7 +140,7 @@ class SegmentationTrainer:
 
     def autocast(self):
         if self.use_amp:
-            return torch.autocast("cuda", dtype=torch.float16)
+            return torch.autocast("cuda", dtype=self.amp_dtype)
         return contextlib.nullcontext()
 
     @property
@@ -153,7 +167,8 @@ class SegmentationTrainer:
     # ------------------------------------------------------------------ evaluation
     def predict_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Logits (log-probabilities with ``inference.flip_tta``) for a batch of preprocessed images: whole image in
-        2D, sliding windows in 3D."""
+        2D, sliding windows in 3D; on the trainer's device (``x`` is moved there)."""
+        x = x.to(self.device)
         self.model.eval()
         inf = self.cfg["inference"]
         if not inf["flip_tta"]:
@@ -248,6 +263,7 @@ class SegmentationTrainer:
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr_scale * self._lr_at(epoch + i / iters, total_epochs)
                 loss = torch.zeros((), device=self.device)
+                sup = unsup = None
                 if self._labeled_batches is not None:
                     batch = next(self._labeled_batches)
                     x, y = _on(batch["image"], self.device), _on(batch["label"], self.device)
@@ -255,26 +271,47 @@ class SegmentationTrainer:
                     with self.autocast():
                         sup = self.sup_loss(self.model(x).float(), y)
                     loss = loss + sup
-                    sums["sup_loss"] += sup.item()
-                    stats["labeled_samples"] += x.shape[0]
                 if lam > 0:
                     u = _on(next(self._unlabeled_batches)["image"], self.device)
                     unsup, ustats = self.consistency(self.model, teacher, u, autocast=self.autocast)
                     loss = loss + lam * unsup
-                    sums["unsup_loss"] += unsup.item()
-                    sums["confident_fraction"] += ustats["confident_fraction"]
-                    unsup_steps += 1
-                    stats["unlabeled_samples"] += u.shape[0]
-                    stats["used_unlabeled"] = True
                 self.optimizer.zero_grad(set_to_none=True)
+                loss_value = loss.item()
+                if not math.isfinite(loss_value):
+                    self._skip_nonfinite_step(epoch + i / iters)  # raises TrainingDiverged when it persists
+                    continue
+                self._nonfinite_steps = 0
                 self.scaler.scale(loss).backward()
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
                 if teacher is not None and teacher is self.ema_teacher:
                     self._update_ema()
-                sums["loss"] += loss.item()
+                sums["loss"] += loss_value
+                if sup is not None:
+                    sums["sup_loss"] += sup.item()
+                    stats["labeled_samples"] += x.shape[0]
+                if unsup is not None:
+                    sums["unsup_loss"] += unsup.item()
+                    sums["confident_fraction"] += ustats["confident_fraction"]
+                    unsup_steps += 1
+                    stats["unlabeled_samples"] += u.shape[0]
+                    stats["used_unlabeled"] = True
                 stats["iterations"] += 1
         return self._summarize(stats, sums, unsup_steps)
+
+    def _skip_nonfinite_step(self, epoch: float) -> None:
+        """A NaN or infinite loss: its step is skipped (the weights stay as they were); too many in a row end the
+        training with :class:`TrainingDiverged` rather than let it run on producing nothing."""
+        self._nonfinite_steps += 1
+        limit = int(self.cfg["train"]["max_nonfinite_steps"])
+        self.log.warning(f"loss not finite at epoch {epoch:.2f}: step skipped ({self._nonfinite_steps} in a row)")
+        if self._nonfinite_steps >= limit:
+            amp = f"autocast {str(self.amp_dtype).replace('torch.', '')}" if self.use_amp else "float32"
+            raise TrainingDiverged(
+                f"training diverged: the loss was NaN or infinite for {self._nonfinite_steps} iterations in a row "
+                f"(epoch {epoch:.2f}, {amp}, lr {self.cfg['train']['lr']}); the weights are those before the "
+                "first of them. Lower train.lr, or train without float16 (train.amp_dtype bfloat16, or "
+                "train.amp false).")
 
     @staticmethod
     def _summarize(stats: dict, sums: dict, unsup_steps: int) -> dict:
