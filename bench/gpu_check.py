@@ -1,6 +1,7 @@
-"""GPU check, made to run in one go on a lent NVIDIA H100/H200 in about five minutes, installing nothing.
+"""GPU check, made to run in one go on a lent NVIDIA H100/H200 in about five minutes (it installs nothing itself).
 
-    python bench/gpu_check.py [--out DIR] [--iterations 40]      # on the GPU machine (.venv carried along)
+    python bench/gpu_check.py [--out DIR] [--iterations 40]      # on the GPU machine, its own CUDA torch
+                                                                   # plus nvflare, monai, nibabel installed
     python bench/gpu_check.py --smoke                              # a tiny CPU run that proves the script works
 
 Trains the full-size 3D network (UNet 32-64-128-256-512, two residual units, about 19 M parameters) on
