@@ -36,7 +36,7 @@ def _check_results(out, methods, sites, floor):
 def test_quick_real2d_study(tmp_path):
     out = tmp_path / "b"
     methods = ["local", "centralized_ssl", "fssl"]
-    assert fssl(["experiment", "real2d", "--quick", "--out", str(out), "--methods", *methods,
+    assert fssl(["experiment", "real2d", "--quick", "--out", str(out), "--methods", *methods, "--jobs", "2",
                  "--labeled-weight", "10", "--set", "ssl.unsup_weight=0.5"]) == 0
     results = _check_results(out, methods, ["italy"], floor=0.2)
     # the settings reach every method, the federated one through its FLARE job's client config
@@ -86,6 +86,9 @@ def test_experiment_refuses_bad_settings_before_training(tmp_path, capsys):
     assert "SECTION.KEY=VALUE" in capsys.readouterr().err
     assert fssl(["experiment", "synthetic3d", "--quick", "--out", str(out), "--labels-per-site", "none"]) == 2
     assert "--labels-per-site 'none'" in capsys.readouterr().err
+    assert fssl(["experiment", "synthetic3d", "--quick", "--out", str(out), "--jobs", "2", "--poc"]) == 2
+    assert "POC mode runs one job at a time" in capsys.readouterr().err
+    assert not (out / "results.json").exists() and not (out / "seed0").exists()
 
 
 def test_study_a_labels_per_site_moves_masks_to_unlabeled(tmp_path):
@@ -152,3 +155,39 @@ def test_a_federated_run_in_which_no_site_trained_is_an_error(tmp_path, tiny_2d)
     study = Study("real2d", cfg, sites, "validation", ["fssl"])
     with pytest.raises(RuntimeError, match="never changed from its initial weights.*simulator.log"):
         run_federated(study, "fssl", seed=0, out=tmp_path / "out", device="cpu")
+
+
+def test_cells_side_by_side_give_the_figures_of_cells_one_after_the_other(tmp_path, tiny_2d):
+    """--jobs N trains N cells at once in spawned processes: the same figures (centralized cells repeat to the digit
+    on one thread), the same order in results.json, every cell's checkpoints."""
+    from fssl_covid.config import resolve_config
+    from fssl_covid.data import load_datalist
+    from fssl_covid.experiment import Study, run_study
+
+    from conftest import write_slice_site
+
+    cases = load_datalist(write_slice_site(tmp_path / "data", n_labeled=6, n_unlabeled=4))
+    sites = {"a": {"training": cases["training"][:4], "validation": cases["training"][4:], "test": [],
+                   "unlabeled": cases["unlabeled"]}}
+    cfg = resolve_config(tiny_2d)
+    cfg["train"].update({"epochs": 3, "iterations_per_epoch": 2, "batch_size": 2, "unlabeled_batch_size": 2})
+    cfg["ssl"].update({"warmup_epochs": 1, "rampup_epochs": 1})
+    results = {}
+    for jobs in (1, 2):
+        study = Study("real2d", cfg, sites, "validation", ["local", "centralized_ssl"], seeds=[0, 1])
+        results[jobs] = run_study(study, tmp_path / f"jobs{jobs}", device="cpu", jobs=jobs, log=lambda _: None)
+        for method in ("local", "centralized_ssl"):
+            for seed in (0, 1):
+                assert (tmp_path / f"jobs{jobs}" / f"seed{seed}" / method / "model_final.pt").is_file()
+    for by_seed in (*results[1]["methods"].values(), *results[2]["methods"].values()):
+        for entry in by_seed.values():
+            entry.pop("seconds")
+    assert list(results[2]["methods"]) == ["local", "centralized_ssl"]
+    assert [list(v) for v in results[2]["methods"].values()] == [["0", "1"], ["0", "1"]]
+    assert results[2]["methods"] == results[1]["methods"]
+    assert results[1]["methods"]["local"]["0"] != results[1]["methods"]["local"]["1"]  # the seeds do differ
+    # a cell that fails stops the study with its reason (here every cell diverges at a learning rate of 1e30)
+    cfg["train"].update({"lr": 1e30, "scheduler": "constant", "max_nonfinite_steps": 2})
+    study = Study("real2d", cfg, sites, "validation", ["local", "centralized_ssl"], seeds=[0])
+    with pytest.raises(RuntimeError, match=r"(local|centralized_ssl) seed 0 failed: training diverged"):
+        run_study(study, tmp_path / "diverged", device="cpu", jobs=2, log=lambda _: None)

@@ -196,7 +196,8 @@ def cmd_experiment(args) -> int:
     settings = _dotted_settings(args.set, "--set", "SECTION.KEY=VALUE", "train.iterations_per_epoch=40")
     main_experiment(args.study, args.out, quick=args.quick, device=args.device, methods=args.methods,
                     seeds=args.seeds, data=args.data, epochs=args.epochs, settings=settings,
-                    labeled_weight=args.labeled_weight, labels_per_site=args.labels_per_site, poc=args.poc)
+                    labeled_weight=args.labeled_weight, labels_per_site=args.labels_per_site, poc=args.poc,
+                    jobs=args.jobs)
     return 0
 
 
@@ -361,6 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default all: china 6, italy 4)")
     p.add_argument("--data", default=None, help="real2d: the covid_semiseg folder; synthetic3d: MosMed masks folder")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="train N cells (method x seed) side by side, each in its own process with one torch thread "
+                        "(train.num_threads): 2 fits 2 CPU cores; not with --poc")
     p.set_defaults(func=cmd_experiment)
 
     p = sub.add_parser("validate-data", help="check a site's datalist and every file in it",

@@ -332,37 +332,94 @@ def _round_curve(log: str, study: Study) -> list[float]:
 
 
 # ---------------------------------------------------------------------------------------------- runner
+def run_cell(study: Study, method: str, seed: int, seed_dir: Path, device: str, poc: bool = False) -> dict:
+    """One cell of the matrix (a method at a seed): its training runs, weights included, in this process."""
+    if method in FEDERATED:
+        return run_federated(study, method, seed, seed_dir, device, poc=poc)
+    return run_centralized(study, method, seed, seed_dir, device)
+
+
+def check_jobs(jobs: int, poc: bool) -> None:
+    if jobs < 1:
+        raise ValueError(f"--jobs must be at least 1, got {jobs}")
+    if jobs > 1 and poc:
+        raise ValueError("--jobs above 1 needs the simulator: POC mode runs one job at a time on its fixed ports")
+
+
 def run_study(study: Study, out: Path, device: str = "auto", methods: list[str] | None = None,
-              log=print, poc: bool = False) -> dict:
+              log=print, poc: bool = False, jobs: int = 1) -> dict:
+    """Train and score every (method, seed) cell; ``jobs`` > 1 trains that many cells side by side, each in its own
+    process (every training process uses ``train.num_threads`` torch threads, 1 when unset, so two cells fit two
+    CPU cores; on a GPU they share the device).  A cell's figures do not depend on ``jobs``."""
+    check_jobs(jobs, poc)
     out.mkdir(parents=True, exist_ok=True)
     methods = methods or study.methods
     results: dict = {"study": study.name, "description": study.description, "config": study.config,
                      "seeds": study.seeds, "eval_key": study.eval_key, "executor_args": study.executor_args,
                      "flare": "poc" if poc else "simulator", "methods": {}}
     eval_sets = {s: d[study.eval_key] for s, d in study.sites.items() if d[study.eval_key]}
-    for method in methods:
-        for seed in study.seeds:
-            seed_dir = out / f"seed{seed}"
+    cells = [(method, seed) for method in methods for seed in study.seeds]
+    origin: dict[str, int] = {}  # run name -> index of its cell, to keep the tables in the matrix's order
+
+    def record(cell: int, runs: dict) -> None:
+        method, seed = cells[cell]
+        for name, run in runs.items():
+            entry = {"seconds": round(run["seconds"], 1), "curve": run["curve"], "trained_at": run["trained_at"],
+                     "final": {}, "best": {}}
+            for which in ("final", "best"):
+                for site, cases in eval_sets.items():
+                    entry[which][site] = evaluate_model(run["cfg"], run[which], cases, device)
+            origin.setdefault(name, cell)
+            results["methods"].setdefault(name, {})[str(seed)] = entry
+            summary = ", ".join(f"{s} {v['dice']:.3f}" for s, v in entry["final"].items())
+            log(f"    {name} seed {seed}: final Dice {summary} ({entry['seconds']:.0f} s)")
+        results["methods"] = {k: {str(s): results["methods"][k][str(s)] for s in study.seeds
+                                  if str(s) in results["methods"][k]}
+                              for k in sorted(results["methods"], key=origin.__getitem__)}
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+
+    if jobs <= 1:
+        for i, (method, seed) in enumerate(cells):
             log(f"[{study.name}] {method} seed {seed} ...")
-            if method in FEDERATED:
-                runs = run_federated(study, method, seed, seed_dir, device, poc=poc)
-            else:
-                runs = run_centralized(study, method, seed, seed_dir, device)
-            for name, run in runs.items():
-                entry = {"seconds": round(run["seconds"], 1), "curve": run["curve"], "trained_at": run["trained_at"],
-                         "final": {}, "best": {}}
-                for which in ("final", "best"):
-                    for site, cases in eval_sets.items():
-                        entry[which][site] = evaluate_model(run["cfg"], run[which], cases, device)
-                results["methods"].setdefault(name, {})[str(seed)] = entry
-                summary = ", ".join(f"{s} {v['dice']:.3f}" for s, v in entry["final"].items())
-                log(f"    {name}: final Dice {summary} ({entry['seconds']:.0f} s)")
-            (out / "results.json").write_text(json.dumps(results, indent=1))
+            record(i, run_cell(study, method, seed, out / f"seed{seed}", device, poc=poc))
+    else:
+        _run_cells_side_by_side(study, cells, out, device, jobs, record, log)
     (out / "results.md").write_text(markdown_tables(results))
     plot_results(results, out)
     plot_study_overlays(out, [m for m in results["methods"] if m not in NOT_IN_OVERLAYS], eval_sets, device,
                         seed=study.seeds[0])
     return results
+
+
+def _run_cells_side_by_side(study: Study, cells: list[tuple[str, int]], out: Path, device: str, jobs: int,
+                            record, log) -> None:
+    """``jobs`` worker processes (spawned: no forked torch state) train the cells; each finished cell is scored and
+    written at once.  After a failure no new cell starts, the running ones finish and are kept, then it is raised."""
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    log(f"[{study.name}] {len(cells)} cells, {jobs} side by side")
+    failure: tuple[str, BaseException] | None = None
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        pending = {pool.submit(run_cell, study, method, seed, out / f"seed{seed}", device): i
+                   for i, (method, seed) in enumerate(cells)}
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                i = pending.pop(future)
+                method, seed = cells[i]
+                if future.cancelled():
+                    continue
+                error = future.exception()
+                if error is None:
+                    record(i, future.result())
+                elif failure is None:
+                    failure = (f"{method} seed {seed}", error)
+                    log(f"    {method} seed {seed} FAILED: {error}; no new cell starts, the running ones finish")
+                    for other in pending:
+                        other.cancel()
+    if failure is not None:
+        raise RuntimeError(f"{failure[0]} failed: {failure[1]}") from failure[1]
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -478,8 +535,9 @@ def main_experiment(study_name: str, out: str, quick: bool = False, device: str 
                     methods: list[str] | None = None, seeds: list[int] | None = None, data: str | None = None,
                     epochs: int | None = None, settings: dict | None = None,
                     labeled_weight: float | None = None, labels_per_site: str | None = None,
-                    poc: bool = False) -> dict:
+                    poc: bool = False, jobs: int = 1) -> dict:
     out_dir = Path(out).resolve()
+    check_jobs(jobs, poc)  # before any data is written
     if settings:
         resolve_config(settings)  # unknown keys and bad values fail here, before any data is written
     if study_name == "synthetic3d":
@@ -502,7 +560,7 @@ def main_experiment(study_name: str, out: str, quick: bool = False, device: str 
     if unknown:
         raise ValueError(f"unknown methods {unknown} (known: {', '.join(known)})")
     t0 = time.time()
-    results = run_study(study, out_dir, device=device, methods=methods, poc=poc)
+    results = run_study(study, out_dir, device=device, methods=methods, poc=poc, jobs=jobs)
     results["seconds_total"] = round(time.time() - t0, 1)
     (out_dir / "results.json").write_text(json.dumps(results, indent=1))
     print((out_dir / "results.md").read_text())
