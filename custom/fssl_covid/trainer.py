@@ -51,10 +51,11 @@ class TrainingDiverged(RuntimeError):
 
 
 def amp_dtype(name: str, device: torch.device) -> torch.dtype:
-    """Autocast dtype of ``train.amp_dtype`` on a CUDA device: "auto" is bfloat16 where supported, else float16."""
-    if name == "float16" or (name == "auto" and not torch.cuda.is_bf16_supported(including_emulation=False)):
-        return torch.float16
-    return torch.bfloat16
+    """Autocast dtype of ``train.amp_dtype`` on a CUDA device: "auto" is bfloat16 where the device computes in it
+    natively (compute capability 8.0 and up: Ampere, Hopper, ...), else float16."""
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
+    return torch.bfloat16 if name == "bfloat16" else torch.float16
 
 
 def resolve_device(device: str | None = "auto") -> torch.device:
