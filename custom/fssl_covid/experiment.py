@@ -249,7 +249,8 @@ def run_federated(study: Study, method: str, seed: int, out: Path, device: str, 
     # its own): the methods of one seed are paired, and a federated run repeats
     full_cfg = resolve_config(cfg)
     init = run_dir / "initial_model.pt"
-    save_checkpoint(init, initial_network(full_cfg["network"], seed).state_dict(), full_cfg)
+    start = initial_network(full_cfg["network"], seed).state_dict()
+    save_checkpoint(init, start, full_cfg)
     job = customize_job(job_name, run_dir / "job", rounds=rounds, config=cfg, executor_args=executor_args,
                         min_clients=len(sites), job_name=method, privacy=privacy, init_model=init)
     t0 = time.time()
@@ -263,7 +264,6 @@ def run_federated(study: Study, method: str, seed: int, out: Path, device: str, 
                                f"see {run_dir / 'simulator.log'}")
         outputs, log = find_job_outputs(run_dir / "simulator" / "server" / "simulate_job"), proc.stdout + proc.stderr
     final = torch.load(outputs["global_model"], weights_only=True)["model"]
-    start = torch.load(init, weights_only=True)["model"]
     if all(torch.equal(final[k], start[k]) for k in start):  # e.g. no site could open its cases
         where = run_dir / ("poc_results" if poc else "simulator.log")
         raise RuntimeError(f"{method}: the global model never changed from its initial weights: no site trained. "

@@ -86,8 +86,9 @@ class SegmentationTrainer:
         if tcfg["num_threads"]:
             torch.set_num_threads(int(tcfg["num_threads"]))
         self.device = resolve_device(device)
-        self.use_amp = bool(tcfg["amp"]) and self.device.type == "cuda"
-        self.amp_dtype = amp_dtype(tcfg["amp_dtype"], self.device) if self.use_amp else None
+        # autocast dtype on CUDA with train.amp; None: float32 throughout
+        use_amp = bool(tcfg["amp"]) and self.device.type == "cuda"
+        self.amp_dtype = amp_dtype(tcfg["amp_dtype"], self.device) if use_amp else None
 
         self.labeled_cases = list(datalist.get("training") or [])
         self.unlabeled_cases = list(datalist.get("unlabeled") or []) if self.cfg["ssl"]["enabled"] else []
@@ -140,7 +141,7 @@ class SegmentationTrainer:
         return evaluation_loader(evaluation_dataset(self.cfg, cases), batch_size=batch)
 
     def autocast(self):
-        if self.use_amp:
+        if self.amp_dtype is not None:
             return torch.autocast("cuda", dtype=self.amp_dtype)
         return contextlib.nullcontext()
 
@@ -307,7 +308,7 @@ class SegmentationTrainer:
         limit = int(self.cfg["train"]["max_nonfinite_steps"])
         self.log.warning(f"loss not finite at epoch {epoch:.2f}: step skipped ({self._nonfinite_steps} in a row)")
         if self._nonfinite_steps >= limit:
-            amp = f"autocast {str(self.amp_dtype).replace('torch.', '')}" if self.use_amp else "float32"
+            amp = f"autocast {str(self.amp_dtype).replace('torch.', '')}" if self.amp_dtype is not None else "float32"
             raise TrainingDiverged(
                 f"training diverged: the loss was NaN or infinite for {self._nonfinite_steps} iterations in a row "
                 f"(epoch {epoch:.2f}, {amp}, lr {self.cfg['train']['lr']}); the weights are those before the "
