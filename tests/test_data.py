@@ -41,7 +41,7 @@ def test_2d_slices_with_singleton_axis_are_resized(tmp_path, tiny_2d):
     assert tuple(unl["image"].shape) == (1, 64, 64)
 
 
-def test_percentile_normalization_aligns_differently_windowed_slices(tmp_path, tiny_2d):
+def test_per_image_normalizations_align_differently_windowed_slices(tmp_path, tiny_2d):
     """The same slice displayed with another window (darker, less contrast, as coronacases vs italy) is the same
     image after per-image percentile scaling; the fixed window keeps the difference."""
     import nibabel as nib
@@ -61,6 +61,16 @@ def test_percentile_normalization_aligns_differently_windowed_slices(tmp_path, t
     a, b = prepared("percentile", case), prepared("percentile", dark_case)
     assert 0.0 <= float(a.min()) < 0.1 and 0.9 < float(a.max()) <= 1.0  # (resized after scaling)
     assert float((a - b).abs().mean()) < 0.02  # equal up to the 8-bit rounding of the darker copy
+    # A non-linear display curve (gamma 2, as a wider window compresses the lung's grey levels): percentiles keep it,
+    # histogram equalization (rank-based, so blind to any increasing intensity map) removes it.
+    raw = np.asarray(img.dataobj).astype(np.float32)
+    curved_case = {**case, "image": str(tmp_path / "curved_image.nii.gz")}
+    nib.save(nib.Nifti1Image(np.round(255 * (raw / 255) ** 2).astype(np.uint8), img.affine), curved_case["image"])
+    gap_percentile = float((prepared("percentile", case) - prepared("percentile", curved_case)).abs().mean())
+    h, h_curved = prepared("histogram", case), prepared("histogram", curved_case)
+    assert 0.0 <= float(h.min()) < 0.1 and 0.9 < float(h.max()) <= 1.0
+    gap_histogram = float((h - h_curved).abs().mean())
+    assert gap_histogram < 0.03 and gap_histogram < gap_percentile / 3, (gap_histogram, gap_percentile)
     with pytest.raises(ValueError, match="intensity_normalization"):
         resolve_config({"data": {"intensity_normalization": "zscore"}})
 

@@ -21,7 +21,9 @@ DEFAULTS: dict[str, Any] = {
         "intensity_range": [-1000.0, 500.0],
         # How intensities become 0..1: "window" maps intensity_range linearly (HU are comparable between scanners);
         # "percentile" maps each image's own 0.5th..99.5th percentiles (for display-windowed 8-bit slices whose
-        # window differs per source, e.g. COVID-SemiSeg: mean 140 at italy, 59 at coronacases).
+        # window differs per source, e.g. COVID-SemiSeg: mean 140 at italy, 59 at coronacases); "histogram"
+        # equalizes each image's histogram to 0..1 (MONAI HistogramNormalize): rank-based, so it also removes a
+        # non-linear display curve (coronacases' wider window compresses the lung's grey levels), not only a linear one.
         "intensity_normalization": "window",
         # 3D only: target voxel size in mm (null: keep the file's grid) and orientation.
         "spacing": [1.5, 1.5, 3.0],
@@ -258,8 +260,8 @@ def _check(cfg: dict) -> None:
     lo, hi = data["intensity_range"]
     if not lo < hi:
         raise ConfigError(f"data.intensity_range {data['intensity_range']} must be [low, high] with low < high")
-    if data["intensity_normalization"] not in ("window", "percentile"):
-        raise ConfigError("data.intensity_normalization must be 'window' or 'percentile', got "
+    if data["intensity_normalization"] not in ("window", "percentile", "histogram"):
+        raise ConfigError("data.intensity_normalization must be 'window', 'percentile' or 'histogram', got "
                           f"'{data['intensity_normalization']}'")
     if net["name"] not in ("unet", "segresnet"):
         raise ConfigError(f"network.name must be 'unet' or 'segresnet', got '{net['name']}'")

@@ -31,6 +31,7 @@ from monai.transforms import (
     RandSpatialCropSamplesd,
     Resized,
     ScaleIntensityRanged,
+    HistogramNormalized,
     ScaleIntensityRangePercentilesd,
     Spacingd,
     SpatialPadd,
@@ -155,6 +156,8 @@ def preprocessing(cfg: Mapping, keys: Sequence[str] = ("image", "label"), pad: b
     if data["intensity_normalization"] == "percentile":
         xforms.append(ScaleIntensityRangePercentilesd(keys="image", lower=0.5, upper=99.5, b_min=0.0, b_max=1.0,
                                                       clip=True))
+    elif data["intensity_normalization"] == "histogram":
+        xforms.append(HistogramNormalized(keys="image", num_bins=256, min=0.0, max=1.0))
     else:
         xforms.append(ScaleIntensityRanged(keys="image", a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True))
     if has_label:
