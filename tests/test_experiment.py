@@ -191,3 +191,68 @@ def test_cells_side_by_side_give_the_figures_of_cells_one_after_the_other(tmp_pa
     study = Study("real2d", cfg, sites, "validation", ["local", "centralized_ssl"], seeds=[0])
     with pytest.raises(RuntimeError, match=r"(local|centralized_ssl) seed 0 failed: training diverged"):
         run_study(study, tmp_path / "diverged", device="cpu", jobs=2, log=lambda _: None)
+
+
+RUNNER = '''
+import multiprocessing, os, subprocess, sys, time
+from concurrent.futures import ProcessPoolExecutor
+from fssl_covid.experiment import _stop_with_runner
+
+def cell(pid_file):
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])  # stands in for a simulator
+    with open(pid_file, "w") as f:
+        f.write(f"{os.getpid()} {child.pid}")
+    time.sleep(600)
+
+if __name__ == "__main__":
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=_stop_with_runner,
+                             initargs=(os.getpid(), 0.2)) as pool:
+        pool.submit(cell, sys.argv[1]).result()
+'''
+
+
+def test_a_cells_worker_and_its_simulator_end_when_the_runner_is_killed(tmp_path):
+    """--jobs N: a runner stopped by a signal it cannot catch leaves no worker training on, nor the processes the
+    worker started (before: orphans that finished cells no one recorded)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import psutil
+
+    script, pid_file = tmp_path / "runner.py", tmp_path / "pids"
+    script.write_text(RUNNER)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "custom")}
+    runner = subprocess.Popen([sys.executable, str(script), str(pid_file)], env=env)
+
+    def alive(pid: int) -> bool:
+        try:
+            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    try:
+        for _ in range(600):  # the spawned worker imports torch: allow it a minute on a slow machine
+            if pid_file.is_file() and len(pid_file.read_text().split()) == 2:
+                break
+            time.sleep(0.1)
+        worker, child = map(int, pid_file.read_text().split())
+        assert alive(worker) and alive(child)
+        runner.send_signal(signal.SIGKILL)
+        runner.wait()
+        for _ in range(300):
+            if not alive(worker) and not alive(child):
+                break
+            time.sleep(0.1)
+        assert not alive(worker), "the cell's worker outlived its runner"
+        assert not alive(child), "the process the worker started outlived it"
+    finally:
+        runner.kill()
+        for pid in (int(p) for p in (pid_file.read_text().split() if pid_file.is_file() else [])):
+            try:
+                psutil.Process(pid).kill()
+            except psutil.Error:
+                pass

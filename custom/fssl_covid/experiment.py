@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import random
 import shutil
 import sys
@@ -400,7 +401,8 @@ def _run_cells_side_by_side(study: Study, cells: list[tuple[str, int]], out: Pat
 
     log(f"[{study.name}] {len(cells)} cells, {jobs} side by side")
     failure: tuple[str, BaseException] | None = None
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_stop_with_runner, initargs=(os.getpid(),)) as pool:
         pending = {pool.submit(run_cell, study, method, seed, out / f"seed{seed}", device): i
                    for i, (method, seed) in enumerate(cells)}
         while pending:
@@ -420,6 +422,29 @@ def _run_cells_side_by_side(study: Study, cells: list[tuple[str, int]], out: Pat
                         other.cancel()
     if failure is not None:
         raise RuntimeError(f"{failure[0]} failed: {failure[1]}") from failure[1]
+
+
+def _stop_with_runner(runner_pid: int, poll_seconds: float = 2.0) -> None:
+    """Pool initializer of a cell's worker: once the runner that spawned it is gone (stopped with SIGTERM, its
+    terminal killed), the worker ends its own descendants (a cell's FLARE simulator) and itself, instead of training
+    on as an orphan whose result no one records (seen 2026-11-27: two orphaned workers finished two cells, two others
+    idled for 1.5 h).  Ctrl-C reaches the whole process group and needs none of this."""
+    import threading
+
+    import psutil  # a dependency of nvflare
+
+    def watch() -> None:
+        while os.getppid() == runner_pid:
+            time.sleep(poll_seconds)
+        me = psutil.Process()
+        for child in me.children(recursive=True):
+            try:
+                child.kill()
+            except psutil.Error:
+                pass
+        os._exit(1)
+
+    threading.Thread(target=watch, name="stop-with-runner", daemon=True).start()
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
