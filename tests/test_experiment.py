@@ -2,7 +2,14 @@
 write one results folder with figures, tables, plots and checkpoints."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
@@ -214,15 +221,6 @@ if __name__ == "__main__":
 def test_a_cells_worker_and_its_simulator_end_when_the_runner_is_killed(tmp_path):
     """--jobs N: a runner stopped by a signal it cannot catch leaves no worker training on, nor the processes the
     worker started (before: orphans that finished cells no one recorded)."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-    from pathlib import Path
-
-    import psutil
-
     script, pid_file = tmp_path / "runner.py", tmp_path / "pids"
     script.write_text(RUNNER)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "custom")}

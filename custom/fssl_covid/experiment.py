@@ -32,11 +32,13 @@ import os
 import random
 import shutil
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import psutil  # a dependency of nvflare
 import torch
 
 from .config import PRESETS_DIR, resolve_config
@@ -429,10 +431,6 @@ def _stop_with_runner(runner_pid: int, poll_seconds: float = 2.0) -> None:
     terminal killed), the worker ends its own descendants (a cell's FLARE simulator) and itself, instead of training
     on as an orphan whose result no one records (seen 2026-11-27: two orphaned workers finished two cells, two others
     idled for 1.5 h).  Ctrl-C reaches the whole process group and needs none of this."""
-    import threading
-
-    import psutil  # a dependency of nvflare
-
     def watch() -> None:
         while os.getppid() == runner_pid:
             time.sleep(poll_seconds)
