@@ -66,6 +66,9 @@ DEFAULTS: dict[str, Any] = {
         # Average the teacher's prediction over the weak view and its flips along each spatial axis (better
         # pseudo-labels for 1 + spatial_dims teacher forwards per unlabeled batch).  Study B fssl, 3 seeds (twelfth
         # session): 0.755 / 0.754 / 0.775 with it, 0.751 / 0.753 / 0.774 without; the 2D preset turned it on then.
+        # Over six seeds (thirteenth session) fssl with it ties local (paired -0.002, sd 0.0065): a gain of that
+        # size is inside the noise.  It costs time: Study B's whole matrix took 67 min with it (51 min in the tenth
+        # session without).
         "teacher_flip_tta": True,
         # Voxels whose teacher confidence (max softmax probability) is below this are ignored.
         # 0 keeps every voxel (the "no confidence threshold" ablation).
