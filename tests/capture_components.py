@@ -62,3 +62,23 @@ class CaptureEvents(FLComponent):
         if event_type in self.event_types:
             data = fl_ctx.get_prop(FLContextKey.EVENT_DATA)
             _write(self.path, {"what": "event", "event": event_type, "data": plain(data), "peer_ctx": _peer(fl_ctx)})
+
+
+class SaveGlobalModels(FLComponent):
+    """Write each round's global model (``round<r>.npz``) as scatter-and-gather makes it."""
+
+    def __init__(self, folder):
+        super().__init__()
+        self.folder = folder
+
+    def handle_event(self, event_type, fl_ctx):
+        from pathlib import Path
+
+        from nvflare.app_common.app_constant import AppConstants
+        from nvflare.app_common.app_event_type import AppEventType
+
+        if event_type == AppEventType.AFTER_SHAREABLE_TO_LEARNABLE:
+            Path(self.folder).mkdir(parents=True, exist_ok=True)
+            ml = fl_ctx.get_prop(AppConstants.GLOBAL_MODEL)
+            r = fl_ctx.get_prop(AppConstants.CURRENT_ROUND)
+            np.savez(Path(self.folder) / f"round{r}.npz", **{k: np.asarray(v) for k, v in ml["weights"].items()})

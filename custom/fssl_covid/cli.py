@@ -86,8 +86,13 @@ def cmd_train(args) -> int:
     trainer.save_checkpoint(out / "model_final.pt")
     if trainer.best_weights is not None:
         trainer.save_checkpoint(out / "model_best.pt", weights=trainer.best_weights)
+    if result["averaged_epochs"]:
+        trainer.save_checkpoint(out / "model_last.pt", weights=trainer.last_weights)
+        print(f"final model: the average of the last {result['averaged_epochs']} epochs' models "
+              f"(model_last.pt: the last epoch's own)")
     (out / "history.json").write_text(json.dumps({**result, "config": trainer.cfg}, indent=1))
-    print(f"best val_dice {result['best_val_dice']}; checkpoints and history.json in {out}")
+    print(f"final val_dice {result['final_val_dice']}, best {result['best_val_dice']}; "
+          f"checkpoints and history.json in {out}")
     return 0
 
 
@@ -267,7 +272,7 @@ def cmd_job(args) -> int:
                                     depth=2)
     job = customize_job(args.name, Path(args.out), rounds=args.rounds, config=config, min_clients=args.min_clients,
                         job_name=args.job_name, init_model=args.init_model, privacy=args.privacy,
-                        privacy_args=privacy_args)
+                        privacy_args=privacy_args, average_last_rounds=args.average_last_rounds)
     print(f"job written: {job}")
     print(f"submit it with: nvflare job submit -j {job}")
     return 0
@@ -392,6 +397,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--job-name", default=None, help="name of the written job (default NAME)")
     p.add_argument("--rounds", type=int, default=None)
     p.add_argument("--min-clients", type=int, default=None)
+    p.add_argument("--average-last-rounds", type=int, default=None, metavar="N",
+                   help="the final global model is the average of the last N rounds' global models (0: the last "
+                        "round's; the job's setting when not given)")
     p.add_argument("--init-model", default=None, metavar="CHECKPOINT",
                    help="warm start: e.g. <downloaded job>/workspace/app_server/FL_global_model.pt")
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",

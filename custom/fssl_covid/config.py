@@ -131,6 +131,11 @@ DEFAULTS: dict[str, Any] = {
         "momentum": 0.9,
         # "cosine" over the whole training horizon (all rounds in FL) or "constant".
         "scheduler": "cosine",
+        # The final model of centralized training is the average of the models after each of the last N epochs
+        # (0: the last model; all epochs when N exceeds them; fssl_covid.averaging).  Federated training does the
+        # same on the server over the last N rounds' global models: the job's persistor's ``average_last_rounds``
+        # (customize_job and the experiment runner set it from this key; a site's rounds ignore it).
+        "average_last_epochs": 0,
         "batch_size": 2,
         "unlabeled_batch_size": 2,
         # Iterations per epoch (one labeled and, when the unsupervised term is active, one unlabeled batch each).
@@ -291,6 +296,8 @@ def _check(cfg: dict) -> None:
         raise ConfigError(f"train.max_nonfinite_steps must be at least 1, got {train['max_nonfinite_steps']}")
     if train["scheduler"] not in ("cosine", "constant"):
         raise ConfigError(f"train.scheduler must be 'cosine' or 'constant', got '{train['scheduler']}'")
+    if int(train["average_last_epochs"]) < 0:
+        raise ConfigError(f"train.average_last_epochs must be 0 (off) or more, got {train['average_last_epochs']}")
     if int(data["num_workers"]) < -1:
         raise ConfigError(f"data.num_workers must be -1 (auto) or at least 0, got {data['num_workers']}")
     if int(ssl["final_supervised_epochs"]) < 0:

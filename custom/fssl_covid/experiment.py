@@ -213,6 +213,9 @@ def run_centralized(study: Study, method: str, seed: int, out: Path, device: str
         save_checkpoint(run_dir / "model_best.pt", best, trainer.cfg)
         runs[run_dir.name] = {"curve": [h["val_dice"] for h in fit["history"]], "seconds": time.time() - t0,
                               "final": trainer.get_weights(), "best": best, "cfg": trainer.cfg, "trained_at": [name]}
+        if fit["averaged_epochs"]:  # the final model is a tail average: keep and score the last epoch's own
+            save_checkpoint(run_dir / "model_last.pt", trainer.last_weights, trainer.cfg)
+            runs[run_dir.name]["last"] = trainer.last_weights
     return runs
 
 
@@ -236,9 +239,18 @@ def federated_settings(study: Study, method: str, seed: int) -> tuple[dict, dict
     return cfg, {**study.executor_args, **method_args}, rounds
 
 
+def federated_averaging(cfg: dict) -> int:
+    """The server's ``average_last_rounds`` for a federated method's config (one epoch a round: the same models
+    averaged as ``train.average_last_epochs`` averages in centralized training); the sites' copy is set to 0."""
+    rounds = int(cfg["train"].get("average_last_epochs", 0))
+    cfg["train"]["average_last_epochs"] = 0
+    return rounds
+
+
 def run_federated(study: Study, method: str, seed: int, out: Path, device: str, poc: bool = False) -> dict:
     job_name, _, _, privacy = FEDERATED[method]
     cfg, executor_args, rounds = federated_settings(study, method, seed)
+    average_last_rounds = federated_averaging(cfg)
     run_dir = (out / method).resolve()  # FLARE's processes run elsewhere: every path they are given is absolute
     sites = list(study.sites)
     datalists = {}  # each site's settings (its local/fssl_site.json)
@@ -255,7 +267,8 @@ def run_federated(study: Study, method: str, seed: int, out: Path, device: str, 
     start = initial_network(full_cfg["network"], seed).state_dict()
     save_checkpoint(init, start, full_cfg)
     job = customize_job(job_name, run_dir / "job", rounds=rounds, config=cfg, executor_args=executor_args,
-                        min_clients=len(sites), job_name=method, privacy=privacy, init_model=init)
+                        min_clients=len(sites), job_name=method, privacy=privacy, init_model=init,
+                        average_last_rounds=average_last_rounds)
     t0 = time.time()
     if poc:
         outputs, log = _run_in_poc(job, run_dir / "poc", datalists, method)
@@ -274,9 +287,12 @@ def run_federated(study: Study, method: str, seed: int, out: Path, device: str, 
     best = torch.load(outputs["best_model"], weights_only=True)["model"] if outputs["best_model"] else final
     save_checkpoint(run_dir / "model_final.pt", final, full_cfg)
     save_checkpoint(run_dir / "model_best.pt", best, full_cfg)
-    return {method: {"curve": _round_curve(log, study), "seconds": time.time() - t0,
-                     "final": final, "best": best, "cfg": full_cfg, "trained_at": sites,
-                     "flare_cross_site": load_cross_site(outputs["cross_site"])}}
+    run = {"curve": _round_curve(log, study), "seconds": time.time() - t0, "final": final, "best": best,
+           "cfg": full_cfg, "trained_at": sites, "flare_cross_site": load_cross_site(outputs["cross_site"])}
+    if outputs["last_round_model"]:  # the final global model is a tail average: keep and score the last round's
+        run["last"] = torch.load(outputs["last_round_model"], weights_only=True)["model"]
+        save_checkpoint(run_dir / "model_last.pt", run["last"], full_cfg)
+    return {method: run}
 
 
 def _run_in_poc(job: Path, work: Path, site_settings: dict[str, dict], method: str,
@@ -369,9 +385,10 @@ def run_study(study: Study, out: Path, device: str = "auto", methods: list[str] 
         for name, run in runs.items():
             entry = {"seconds": round(run["seconds"], 1), "curve": run["curve"], "trained_at": run["trained_at"],
                      "final": {}, "best": {}}
-            for which in ("final", "best"):
+            for which in ("final", "best", "last"):  # "last": a tail-averaged run's last epoch / round alone
                 for site, cases in eval_sets.items():
-                    entry[which][site] = evaluate_model(run["cfg"], run[which], cases, device)
+                    if which in run:
+                        entry.setdefault(which, {})[site] = evaluate_model(run["cfg"], run[which], cases, device)
             origin.setdefault(name, cell)
             results["methods"].setdefault(name, {})[str(seed)] = entry
             summary = ", ".join(f"{s} {v['dice']:.3f}" for s, v in entry["final"].items())
@@ -449,20 +466,27 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return float(np.mean(values)), float(np.std(values)) if len(values) > 1 else 0.0
 
 
+LAST_NOTE = ("The final models above are tail averages (`train.average_last_epochs`); these are the last "
+             "epoch's (round's) models alone, from the same runs.")
+
+
 def markdown_tables(results: dict) -> str:
     sites = sorted({s for m in results["methods"].values() for r in m.values() for s in r["final"]})
     lines = [f"# {results['study']}", "", results["description"], "",
              f"Seeds: {results['seeds']}. Scores: Dice at 0.5 and mean Dice over 256 thresholds "
              f"(per image, then averaged) on each site's `{results['eval_key']}` scans; mean ± std over seeds.", ""]
-    for which in ("final", "best"):
-        lines += [f"## {which} model", "", "| method | " + " | ".join(f"{s} Dice" for s in sites) + " | "
+    kinds = ["final", "best"] + (["last"] if any("last" in r for m in results["methods"].values()
+                                                 for r in m.values()) else [])
+    for which in kinds:
+        lines += [f"## {which} model", ""] + ([LAST_NOTE, ""] if which == "last" else []) + [ "| method | " + " | ".join(f"{s} Dice" for s in sites) + " | "
                   + " | ".join(f"{s} mean-Dice(256)" for s in sites) + " | time (s) |",
                   "|" + "---|" * (2 * len(sites) + 2)]
         for method, by_seed in results["methods"].items():
             cells = []
             for metric in ("dice", "mean_dice_256"):
                 for s in sites:
-                    vals = [r[which][s][metric] for r in by_seed.values() if s in r[which] and r[which][s]]
+                    vals = [r[which][s][metric] for r in by_seed.values()
+                            if s in r.get(which, {}) and r[which][s]]
                     if vals:
                         m, sd = _mean_std(vals)
                         cells.append(f"{m:.3f}" + (f" ± {sd:.3f}" if len(vals) > 1 else ""))

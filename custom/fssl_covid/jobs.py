@@ -45,7 +45,7 @@ INIT_MODEL = "initial_global_model.pt"  # the warm-start checkpoint's name insid
 def customize_job(name: str, dst: Path, rounds: int | None = None, config: dict | None = None,
                   executor_args: dict | None = None, min_clients: int | None = None, job_name: str | None = None,
                   source: Path = JOBS, init_model: Path | None = None, privacy: list[str] | None = None,
-                  privacy_args: dict[str, dict] | None = None) -> Path:
+                  privacy_args: dict[str, dict] | None = None, average_last_rounds: int | None = None) -> Path:
     """Copy ``<source>/<name>`` to ``dst/<job_name or name>`` with ``config`` merged into the sites' training config
     (the server's network follows the sites' so both build the same model) and other executor args replaced.
 
@@ -56,7 +56,10 @@ def customize_job(name: str, dst: Path, rounds: int | None = None, config: dict 
 
     ``privacy``: names from :data:`PRIVACY_FILTERS`, chained in this order on every site's ``train`` results
     (``privacy_args``: ``{name: {arg: value}}`` over the defaults).  The sites then send updates (``WEIGHT_DIFF``)
-    and the server's aggregator expects them: the filters are written for updates, not for full weights."""
+    and the server's aggregator expects them: the filters are written for updates, not for full weights.
+
+    ``average_last_rounds``: the final global model is the average of the last N rounds' global models (the job's
+    ``TailAveragingPersistor``; :mod:`fssl_covid.averaging`); 0 turns it off, None keeps the job's setting."""
     unknown = sorted(set(privacy or []) - set(PRIVACY_FILTERS)) + sorted(set(privacy_args or {}) - set(privacy or []))
     if unknown:
         raise ValueError(f"unknown or unused privacy filter(s) {unknown}: choose from {sorted(PRIVACY_FILTERS)}")
@@ -81,6 +84,10 @@ def customize_job(name: str, dst: Path, rounds: int | None = None, config: dict 
         (job / "app" / "custom").mkdir(parents=True, exist_ok=True)
         shutil.copy(init_model, job / "app" / "custom" / INIT_MODEL)
         persistor["args"]["source_ckpt_file_full_name"] = INIT_MODEL  # relative: resolved in the app's custom/
+    if average_last_rounds is not None:
+        if int(average_last_rounds) < 0:
+            raise ValueError(f"average_last_rounds must be 0 (off) or more, got {average_last_rounds}")
+        persistor["args"]["average_last_rounds"] = int(average_last_rounds)
     if privacy:
         _add_privacy_filters(server, client, privacy, privacy_args or {})
     if rounds is not None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .averaging import LAST_ROUND_MODEL
+
 GLOBAL_ROWS = ("SRV_FL_global_model.pt", "SRV_best_FL_global_model.pt")
 
 
@@ -19,6 +21,7 @@ def find_job_outputs(job_dir: str | Path) -> dict[str, Path | None]:
     return {
         "global_model": first("FL_global_model.pt"),
         "best_model": first("best_FL_global_model.pt"),
+        "last_round_model": first(LAST_ROUND_MODEL),  # only when the final model is a tail average
         "cross_site": first("cross_val_results.json"),
         "tb_events": (first("events.out.tfevents.*").parent.parent if first("events.out.tfevents.*") else None),
         "server_log": first("log.txt"),

@@ -21,6 +21,7 @@ from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
 from monai.metrics import DiceMetric
 
+from .averaging import TailAverage, averaged_epochs
 from .config import job_training_config, resolve_config
 from .data import evaluation_dataset, evaluation_loader, infinite_batches, loader_workers, training_dataset
 from .networks import initial_network, weights_mismatch
@@ -350,12 +351,16 @@ class SegmentationTrainer:
 
     def fit(self, epochs: int | None = None, on_epoch: Callable[[int, dict, dict | None], None] | None = None,
             keep_best: bool = True) -> dict:
-        """Local or centralized training: ``epochs`` epochs with validation after each; keeps the best weights.
+        """Local or centralized training: ``epochs`` epochs with validation after each; keeps the best weights
+        (``best_weights``).  With ``train.average_last_epochs`` N the model is, at the end, the average of the
+        models after each of the last N epochs (``last_weights``: the last epoch's own).
 
-        Returns a history: per-epoch losses and validation metrics, and the best validation Dice.
+        Returns a history: per-epoch losses and validation metrics (of the model of that epoch), the best validation
+        Dice, and the final model's.
         """
         epochs = int(epochs if epochs is not None else self.cfg["train"]["epochs"])
         history, best, best_weights = [], -1.0, None
+        averaged, average = averaged_epochs(epochs, int(self.cfg["train"]["average_last_epochs"])), TailAverage()
         for e in range(epochs):
             stats = self.train_epochs(1, start_epoch=e, total_epochs=epochs)
             metrics = self.evaluate()
@@ -365,8 +370,17 @@ class SegmentationTrainer:
                 on_epoch(e + 1, stats, metrics)
             if metrics is not None and metrics["val_dice"] > best:
                 best, best_weights = metrics["val_dice"], self.get_weights()
+            if e in averaged:
+                average.add(self.get_weights())
         self.best_weights = best_weights
-        return {"history": history, "best_val_dice": best if best >= 0 else None}
+        self.last_weights = self.get_weights()
+        final_val_dice = history[-1]["val_dice"] if history else None
+        if average.count:  # the final model is the tail average; last_weights keeps the last epoch's own
+            self.set_weights(average.result())
+            metrics = self.evaluate()
+            final_val_dice = None if metrics is None else metrics["val_dice"]
+        return {"history": history, "best_val_dice": best if best >= 0 else None, "final_val_dice": final_val_dice,
+                "averaged_epochs": average.count}
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, path: str | Path, weights: Mapping | None = None, extra: Mapping | None = None) -> None:

@@ -1,0 +1,1 @@
+../../../../../custom/fssl_covid/persistor.py
