@@ -57,6 +57,11 @@ def test_quick_real2d_study(tmp_path):
     ckpt = torch.load(out / "seed0" / "fssl" / "model_best.pt", weights_only=True)
     build_network(**ckpt["config"]["network"]).load_state_dict(ckpt["model"])  # usable by fssl predict
     assert "coronacases" in results["description"]
+    # the 2D preset's final models average the last half of the epochs (rounds); the last one's own is kept too
+    assert results["config"]["train"]["average_last_epochs"] == 2
+    for method in methods:
+        assert (out / "seed0" / method / "model_last.pt").is_file() and "last" in results["methods"][method]["0"]
+    assert "## last model" in (out / "results.md").read_text()
     # one numerics for all methods: the centralized trainers run on as many torch threads as each federated site
     local_threads = torch.load(out / "seed0" / "local" / "model_final.pt", weights_only=True)["config"]["train"]
     for site in ("italy", "coronacases", "radiopaedia"):

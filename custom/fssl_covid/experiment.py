@@ -94,6 +94,14 @@ def with_teacher_ablation(methods: list[str], cfg: dict) -> list[str]:
     return [ablation if m in TEACHER_ABLATION.values() else m for m in methods]
 
 
+def set_epochs(cfg: dict, epochs: int) -> None:
+    """A study's budget in epochs; the tail-averaged epochs (``train.average_last_epochs``) keep their share of it
+    (the 2D preset averages the last half)."""
+    train = cfg["train"]
+    train["average_last_epochs"] = round(int(train["average_last_epochs"]) * epochs / int(train["epochs"]))
+    train["epochs"] = epochs
+
+
 def _preset(name: str) -> dict:
     return json.loads((PRESETS_DIR / f"{name}.json").read_text())
 
@@ -111,7 +119,8 @@ def study_synthetic3d(out: Path, quick: bool, mosmed: str | None = None,
         cfg["network"]["channels"] = [8, 16, 32]
         cfg["network"]["strides"] = [2, 2]
         cfg["data"]["patch_size"] = [32, 32, 16]
-        cfg["train"].update({"epochs": 6, "iterations_per_epoch": 10})
+        set_epochs(cfg, 6)
+        cfg["train"]["iterations_per_epoch"] = 10
         # The unsupervised term starts at the fourth of six epochs: after one supervised epoch the teacher could
         # still be all background and its pseudo-labels collapsed the model to empty masks now and then; after two
         # it still did once in a while (seventh session: fssl Dice 0.0 at all three sites, once in ~5 runs).
@@ -151,7 +160,8 @@ def study_real2d(out: Path, quick: bool, root: Path | None = None, n_validation:
         cfg["data"]["patch_size"] = [96, 96]
         cfg["network"]["channels"] = [8, 16, 32]
         cfg["network"]["strides"] = [2, 2]
-        cfg["train"].update({"epochs": 4, "iterations_per_epoch": 6, "batch_size": 4, "unlabeled_batch_size": 4})
+        set_epochs(cfg, 4)
+        cfg["train"].update({"iterations_per_epoch": 6, "batch_size": 4, "unlabeled_batch_size": 4})
         cfg["ssl"].update({"warmup_epochs": 1, "rampup_epochs": 1})
         for s in ("coronacases", "radiopaedia"):
             sites[s]["unlabeled"] = sites[s]["unlabeled"][:24]
@@ -478,7 +488,8 @@ def markdown_tables(results: dict) -> str:
     kinds = ["final", "best"] + (["last"] if any("last" in r for m in results["methods"].values()
                                                  for r in m.values()) else [])
     for which in kinds:
-        lines += [f"## {which} model", ""] + ([LAST_NOTE, ""] if which == "last" else []) + [ "| method | " + " | ".join(f"{s} Dice" for s in sites) + " | "
+        lines += [f"## {which} model", ""] + ([LAST_NOTE, ""] if which == "last" else [])
+        lines += ["| method | " + " | ".join(f"{s} Dice" for s in sites) + " | "
                   + " | ".join(f"{s} mean-Dice(256)" for s in sites) + " | time (s) |",
                   "|" + "---|" * (2 * len(sites) + 2)]
         for method, by_seed in results["methods"].items():
@@ -596,7 +607,7 @@ def main_experiment(study_name: str, out: str, quick: bool = False, device: str 
     if seeds:
         study.seeds = seeds
     if epochs:
-        study.config["train"]["epochs"] = epochs
+        set_epochs(study.config, epochs)
     if settings:
         study.config = resolve_config(deep_update(study.config, settings))  # bad keys or values fail here
     if labeled_weight is not None:
