@@ -1,12 +1,15 @@
 """Test-only: record everything a site sends (task results, streamed events) as JSON lines."""
 import json
 import threading
+from pathlib import Path
 
 import numpy as np
 from nvflare.apis.fl_component import FLComponent
 from nvflare.apis.fl_constant import FLContextKey, ReservedKey
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.filter import Filter
+from nvflare.app_common.app_constant import AppConstants
+from nvflare.app_common.app_event_type import AppEventType
 
 _LOCK = threading.Lock()
 
@@ -72,11 +75,6 @@ class SaveGlobalModels(FLComponent):
         self.folder = folder
 
     def handle_event(self, event_type, fl_ctx):
-        from pathlib import Path
-
-        from nvflare.app_common.app_constant import AppConstants
-        from nvflare.app_common.app_event_type import AppEventType
-
         if event_type == AppEventType.AFTER_SHAREABLE_TO_LEARNABLE:
             Path(self.folder).mkdir(parents=True, exist_ok=True)
             ml = fl_ctx.get_prop(AppConstants.GLOBAL_MODEL)

@@ -25,8 +25,11 @@ LAST_ROUND_MODEL = "FL_global_model_last_round.pt"
 
 
 class TailAverage:
-    """Running uniform average of weight dictionaries (torch tensors or numpy arrays; the result has the first
-    one's keys, types and dtypes).  Sums are kept in float64, so the order of ``add`` calls does not matter."""
+    """Running uniform average of weight dictionaries (torch tensors or numpy arrays; the result has the last
+    one's keys, types and dtypes).  Sums are kept in float64, so the order of ``add`` calls does not matter.
+
+    Not ``torch.optim.swa_utils.AveragedModel``: that averages an ``nn.Module`` in place, while the FLARE server
+    holds the global models as dictionaries of numpy arrays; this one copy serves the trainer and the server."""
 
     def __init__(self):
         self._sum: dict[str, torch.Tensor] = {}
@@ -64,4 +67,3 @@ def averaged_epochs(total: int, average_last: int) -> range:
     if average_last < 0:
         raise ValueError(f"the number of models to average must be 0 (off) or more, got {average_last}")
     return range(max(0, total - average_last), total) if average_last else range(0)
-

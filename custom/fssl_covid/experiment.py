@@ -393,12 +393,11 @@ def run_study(study: Study, out: Path, device: str = "auto", methods: list[str] 
     def record(cell: int, runs: dict) -> None:
         method, seed = cells[cell]
         for name, run in runs.items():
-            entry = {"seconds": round(run["seconds"], 1), "curve": run["curve"], "trained_at": run["trained_at"],
-                     "final": {}, "best": {}}
+            entry = {"seconds": round(run["seconds"], 1), "curve": run["curve"], "trained_at": run["trained_at"]}
             for which in ("final", "best", "last"):  # "last": a tail-averaged run's last epoch / round alone
-                for site, cases in eval_sets.items():
-                    if which in run:
-                        entry.setdefault(which, {})[site] = evaluate_model(run["cfg"], run[which], cases, device)
+                if which in run:
+                    entry[which] = {site: evaluate_model(run["cfg"], run[which], cases, device)
+                                    for site, cases in eval_sets.items()}
             origin.setdefault(name, cell)
             results["methods"].setdefault(name, {})[str(seed)] = entry
             summary = ", ".join(f"{s} {v['dice']:.3f}" for s, v in entry["final"].items())
