@@ -57,6 +57,37 @@ def test_fit_ends_on_the_average_of_the_last_epochs_models(tmp_path, tiny_2d):
     assert result["final_val_dice"] == trainer.evaluate()["val_dice"]  # scored as it ends, averaged
 
 
+def test_teacher_is_the_running_average_of_the_models_the_last_epochs_started_from(tmp_path, tiny_2d):
+    """ssl.teacher_average_last_epochs 2 of 4: epochs 0-1 learn from the model they start from; epoch 2 from the
+    model after epoch 2; epoch 3 from the mean of the models after epochs 2 and 3 (in FL: the received globals)."""
+    tiny_2d["train"].update({"epochs": 4, "seed": 1})
+    tiny_2d["ssl"].update({"teacher": "global", "warmup_epochs": 0, "rampup_epochs": 0,
+                           "teacher_average_last_epochs": 2})
+    data = load_datalist(write_slice_site(tmp_path, n_labeled=2, n_unlabeled=2))
+    trainer = SegmentationTrainer(tiny_2d, data)
+    teachers, objective = [], trainer.consistency
+
+    def recording(student, teacher, u, autocast):
+        teachers.append({k: v.clone() for k, v in teacher.state_dict().items()})
+        return objective(student, teacher, u, autocast=autocast)
+
+    trainer.consistency = recording
+    starts = {}
+    for e in range(4):
+        starts[e] = trainer.get_weights()
+        trainer.train_epochs(1, start_epoch=e, total_epochs=4)
+    iters = tiny_2d["train"]["iterations_per_epoch"]
+    assert len(teachers) == 4 * iters
+    for e, expected in ((0, starts[0]), (1, starts[1]), (2, starts[2]),
+                        (3, {k: (starts[2][k] + starts[3][k]) / 2 for k in starts[3]})):
+        for teacher in teachers[e * iters:(e + 1) * iters]:
+            for k, v in expected.items():
+                assert torch.allclose(teacher[k], v, atol=1e-6), (e, k)
+    assert any(not torch.allclose(teachers[-1][k], starts[3][k]) for k in starts[3])  # not the received model
+    with pytest.raises(ConfigError, match="teacher_average_last_epochs"):
+        resolve_config({"ssl": {"teacher_average_last_epochs": -1}})
+
+
 def test_federated_final_model_is_the_average_of_the_last_rounds_global_models(tmp_path, synthetic_sites,
                                                                                tiny_3d):
     """Real FLARE simulator, 3 rounds, average of the last 2: the server's FL_global_model.pt (what cross-site

@@ -63,6 +63,11 @@ DEFAULTS: dict[str, Any] = {
         # "ema": local exponential moving average of the student, never sent anywhere.
         "teacher": "global",
         "ema_decay": 0.99,
+        # With the "global" teacher: in the last N epochs (FL: rounds) the teacher is the running average of the
+        # models those epochs started from (FL: the global models the site received since then), i.e. the tail
+        # average the server outputs with train.average_last_epochs N, built by each site from what it already
+        # receives.  0: the received model itself.
+        "teacher_average_last_epochs": 0,
         # Average the teacher's prediction over the weak view and its flips along each spatial axis (better
         # pseudo-labels for 1 + spatial_dims teacher forwards per unlabeled batch).  Study B fssl, 3 seeds (twelfth
         # session): 0.755 / 0.754 / 0.775 with it, 0.751 / 0.753 / 0.774 without; the 2D preset turned it on then.
@@ -280,6 +285,9 @@ def _check(cfg: dict) -> None:
         raise ConfigError(f"network.name must be 'unet' or 'segresnet', got '{net['name']}'")
     if ssl["teacher"] not in ("global", "ema"):
         raise ConfigError(f"ssl.teacher must be 'global' or 'ema', got '{ssl['teacher']}'")
+    if int(ssl["teacher_average_last_epochs"]) < 0:
+        raise ConfigError("ssl.teacher_average_last_epochs must be 0 (off) or more, got "
+                          f"{ssl['teacher_average_last_epochs']}")
     if ssl["unsup_loss"] not in ("ce", "dice_ce", "mse"):
         raise ConfigError(f"ssl.unsup_loss must be 'ce', 'dice_ce' or 'mse', got '{ssl['unsup_loss']}'")
     if not 0.0 <= ssl["unlabeled_only_lr_scale"] <= 1.0:

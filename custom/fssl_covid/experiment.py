@@ -95,10 +95,11 @@ def with_teacher_ablation(methods: list[str], cfg: dict) -> list[str]:
 
 
 def set_epochs(cfg: dict, epochs: int) -> None:
-    """A study's budget in epochs; the tail-averaged epochs (``train.average_last_epochs``) keep their share of it
-    (the 2D preset averages the last half)."""
-    train = cfg["train"]
-    train["average_last_epochs"] = round(int(train["average_last_epochs"]) * epochs / int(train["epochs"]))
+    """A study's budget in epochs; the tail-averaged epochs (``train.average_last_epochs``, and the teacher's
+    ``ssl.teacher_average_last_epochs``) keep their share of it (the 2D preset averages the last half)."""
+    train, ssl = cfg["train"], cfg["ssl"]
+    for section, key in ((train, "average_last_epochs"), (ssl, "teacher_average_last_epochs")):
+        section[key] = round(int(section[key]) * epochs / int(train["epochs"]))
     train["epochs"] = epochs
 
 

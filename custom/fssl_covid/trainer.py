@@ -113,6 +113,8 @@ class SegmentationTrainer:
         self.augment = Perturbation(tcfg["augment"], self.generator)
         self.consistency = ConsistencyObjective(self.cfg["ssl"], self.generator)
         self.ema_teacher: torch.nn.Module | None = None
+        self._teacher_average: TailAverage | None = None  # ssl.teacher_average_last_epochs
+        self._teacher_average_epoch = -1.0
         self._nonfinite_steps = 0  # consecutive iterations with a NaN/infinite loss, across calls (FL rounds)
 
         self._labeled_batches = self._batches(self.labeled_cases, True, tcfg["batch_size"])
@@ -225,6 +227,21 @@ class SegmentationTrainer:
         return received if received is not None else _frozen_copy(self.model)
 
     @torch.no_grad()
+    def _averaged_teacher(self, received: torch.nn.Module, epoch: float, total_epochs: float) -> torch.nn.Module:
+        """With ``ssl.teacher_average_last_epochs`` N, from epoch ``total - N`` on the global teacher is the running
+        average of the models the training calls started from since then: in FL, of the global models this site
+        received — the tail average the server will output, built locally with nothing extra sent."""
+        n = int(self.cfg["ssl"]["teacher_average_last_epochs"])
+        if n <= 0 or epoch < total_epochs - n:
+            return received
+        if self._teacher_average is None or epoch <= self._teacher_average_epoch:  # a new horizon starts over
+            self._teacher_average = TailAverage()
+        self._teacher_average_epoch = epoch
+        self._teacher_average.add({k: v.clone() for k, v in received.state_dict().items()})
+        received.load_state_dict(self._teacher_average.result())
+        return received
+
+    @torch.no_grad()
     def _update_ema(self) -> None:
         if self.ema_teacher is None:
             return
@@ -246,7 +263,9 @@ class SegmentationTrainer:
         iters = int(t["iterations_per_epoch"])
         total_epochs = total_epochs if total_epochs is not None else start_epoch + epochs
         use_global = self.cfg["ssl"]["teacher"] == "global" and self._unlabeled_batches is not None
-        received = _frozen_copy(self.model) if use_global else None
+        received = None
+        if use_global:
+            received = self._averaged_teacher(_frozen_copy(self.model), start_epoch, total_epochs)
         stats = {"labeled_samples": 0, "unlabeled_samples": 0, "iterations": 0, "aborted": False,
                  "used_unlabeled": False}
         sums = {"loss": 0.0, "sup_loss": 0.0, "unsup_loss": 0.0, "confident_fraction": 0.0}
