@@ -219,12 +219,12 @@ class SegmentationTrainer:
         p = min(1.0, max(0.0, epoch / total_epochs))
         return t["min_lr"] + 0.5 * (t["lr"] - t["min_lr"]) * (1.0 + math.cos(math.pi * p))
 
-    def _teacher(self, received: torch.nn.Module | None) -> torch.nn.Module:
+    def _teacher(self, global_teacher: torch.nn.Module | None) -> torch.nn.Module:
         if self.cfg["ssl"]["teacher"] == "ema":
             if self.ema_teacher is None:
                 self.ema_teacher = _frozen_copy(self.model)
             return self.ema_teacher
-        return received if received is not None else _frozen_copy(self.model)
+        return global_teacher if global_teacher is not None else _frozen_copy(self.model)
 
     @torch.no_grad()
     def _averaged_teacher(self, received: torch.nn.Module, epoch: float, total_epochs: float) -> torch.nn.Module:
@@ -263,9 +263,9 @@ class SegmentationTrainer:
         iters = int(t["iterations_per_epoch"])
         total_epochs = total_epochs if total_epochs is not None else start_epoch + epochs
         use_global = self.cfg["ssl"]["teacher"] == "global" and self._unlabeled_batches is not None
-        received = None
+        global_teacher = None  # the model this call starts from (FL: the received one), or the average of such
         if use_global:
-            received = self._averaged_teacher(_frozen_copy(self.model), start_epoch, total_epochs)
+            global_teacher = self._averaged_teacher(_frozen_copy(self.model), start_epoch, total_epochs)
         stats = {"labeled_samples": 0, "unlabeled_samples": 0, "iterations": 0, "aborted": False,
                  "used_unlabeled": False}
         sums = {"loss": 0.0, "sup_loss": 0.0, "unsup_loss": 0.0, "confident_fraction": 0.0}
@@ -276,7 +276,7 @@ class SegmentationTrainer:
             lam = unsup_weight(self.cfg["ssl"], epoch, total_epochs) if self._unlabeled_batches is not None else 0.0
             if self._labeled_batches is None and lam == 0.0:
                 continue  # unlabeled-only site during warm-up: nothing to learn from yet
-            teacher = self._teacher(received) if lam > 0 else None
+            teacher = self._teacher(global_teacher) if lam > 0 else None
             lr_scale = self.step_scale
             for i in range(iters):
                 if abort():
