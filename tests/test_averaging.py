@@ -68,7 +68,7 @@ def test_teacher_is_the_running_average_of_the_models_the_last_epochs_started_fr
     teachers, objective = [], trainer.consistency
 
     def recording(student, teacher, u, autocast):
-        teachers.append({k: v.clone() for k, v in teacher.state_dict().items()})
+        teachers.append({k: v.detach().cpu().clone() for k, v in teacher.state_dict().items()})  # CUDA too
         return objective(student, teacher, u, autocast=autocast)
 
     trainer.consistency = recording
