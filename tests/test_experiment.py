@@ -3,6 +3,7 @@ write one results folder with figures, tables, plots and checkpoints."""
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -13,8 +14,10 @@ import psutil
 import pytest
 import torch
 
-from conftest import COVID_SEMISEG
+from conftest import COVID_SEMISEG, write_slice_site
 from fssl_covid.cli import main as fssl
+from fssl_covid.data import load_datalist
+from fssl_covid.experiment import study_real2d
 from fssl_covid.networks import build_network
 from fssl_covid.trainer import SegmentationTrainer
 
@@ -87,6 +90,48 @@ def test_quick_synthetic3d_study(tmp_path):
     assert start.keys() == trainer_start.keys() and all(torch.equal(start[k], trainer_start[k]) for k in start)
     other_seed = SegmentationTrainer({**cfg, "train": {**cfg["train"], "seed": 1}}, {}, device="cpu").get_weights()
     assert not all(torch.equal(start[k], other_seed[k]) for k in start)
+
+
+def _semiseg_like(root: Path, n_italy: int = 50) -> Path:
+    """A folder laid out like COVID-SemiSeg (italy.json, coronacases.json, radiopaedia.json; relative paths) of
+    small synthetic slices, so the split logic is tested without the real data."""
+    for site, (n_labeled, n_unlabeled) in {"italy": (n_italy, 0), "coronacases": (0, 3),
+                                           "radiopaedia": (0, 2)}.items():
+        datalist = json.loads(write_slice_site(root / site, n_labeled, n_unlabeled).read_text())
+        for items in datalist.values():
+            for item in items:
+                item.update({k: f"{site}/{v}" for k, v in item.items()})
+        (root / f"{site}.json").write_text(json.dumps(datalist))
+    return root
+
+
+def test_real2d_folds_are_disjoint_validation_splits_never_trained_on(tmp_path, capsys):
+    """--fold K: italy's 50 slices, shuffled once, cut into 5 disjoint validation folds of 10; fold 0 is the study's
+    split (the first 10 of the shuffled order); a fold's slices never train; a fold out of range or a fold of the
+    synthetic study is refused before anything is written."""
+    data = _semiseg_like(tmp_path / "semiseg")
+    seen = []
+    for fold in range(5):
+        out = tmp_path / f"fold{fold}"
+        study = study_real2d(out, quick=True, root=data, fold=fold)
+        italy = study.sites["italy"]
+        validation = {c["image"] for c in italy["validation"]}
+        training = {c["image"] for c in italy["training"]}
+        assert len(validation) == 10 and len(training) == 40 and not validation & training
+        split = json.loads((out / "split.json").read_text())
+        assert (split["fold"], split["folds"]) == (fold, 5) and f"fold {fold} of 5" in study.description
+        assert {f"{data}/italy/slice_{i:03d}_image.nii.gz" for i in split["italy_validation_indices"]} == validation
+        seen.append(validation)
+    assert set().union(*seen) == {c["image"] for c in load_datalist(data / "italy.json")["training"]}
+    order = list(range(50))
+    random.Random(0).shuffle(order)
+    assert json.loads((tmp_path / "fold0" / "split.json").read_text())["italy_validation_indices"] == sorted(order[:10])
+    for argv, message in ((["real2d", "--fold", "5", "--data", str(data)], "--fold 5: italy's 50 labeled slices"),
+                          (["synthetic3d", "--fold", "1"], "--fold is for real2d")):
+        out = tmp_path / "refused"
+        assert fssl(["experiment", *argv, "--quick", "--out", str(out)]) == 2
+        assert message in capsys.readouterr().err
+        assert not (out / "results.json").exists() and not (out / "seed0").exists()
 
 
 def test_experiment_refuses_bad_settings_before_training(tmp_path, capsys):

@@ -202,7 +202,7 @@ def cmd_experiment(args) -> int:
     main_experiment(args.study, args.out, quick=args.quick, device=args.device, methods=args.methods,
                     seeds=args.seeds, data=args.data, epochs=args.epochs, settings=settings,
                     labeled_weight=args.labeled_weight, labels_per_site=args.labels_per_site, poc=args.poc,
-                    jobs=args.jobs)
+                    jobs=args.jobs, fold=args.fold)
     return 0
 
 
@@ -366,6 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="synthetic3d: masks kept per labeled site, the other training scans train unlabeled "
                         "(default all: china 6, italy 4)")
     p.add_argument("--data", default=None, help="real2d: the covid_semiseg folder; synthetic3d: MosMed masks folder")
+    p.add_argument("--fold", type=int, default=None, metavar="K",
+                   help="real2d: which fold of italy's labeled slices is the validation split (default 0, the "
+                        "study's split; 0-4: five disjoint folds of 10 slices, for cross-validation)")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
     p.add_argument("--jobs", type=int, default=1, metavar="N",
                    help="train N cells (method x seed) side by side, each in its own process with one torch thread "

@@ -140,15 +140,29 @@ def study_synthetic3d(out: Path, quick: bool, mosmed: str | None = None,
                              f"Training scans: {counts}.")
 
 
-def study_real2d(out: Path, quick: bool, root: Path | None = None, n_validation: int = 10, seed: int = 0) -> Study:
+def real2d_folds(n_slices: int, n_validation: int = 10) -> int:
+    """How many disjoint validation folds of ``n_validation`` slices italy's labeled slices give (50 -> 5)."""
+    return n_slices // n_validation
+
+
+def study_real2d(out: Path, quick: bool, root: Path | None = None, n_validation: int = 10, seed: int = 0,
+                 fold: int = 0) -> Study:
+    """Study B.  Italy's labeled slices are shuffled once with a fixed seed and cut into disjoint folds of
+    ``n_validation``; fold ``fold`` is the validation split (never trained on), the rest trains.  Fold 0 is the
+    study's split; folds 1.. give a cross-validation over other held-out slices (``fssl experiment --fold K``)."""
     root = Path(root or SHARED_DATA / "covid_semiseg")
     if not (root / "italy.json").is_file():
         raise FileNotFoundError(f"COVID-SemiSeg datalists not found in {root} (see ../shared/data/README.md)")
     italy = load_datalist(root / "italy.json")["training"]
+    folds = real2d_folds(len(italy), n_validation)
+    if not 0 <= fold < folds:
+        raise ValueError(f"--fold {fold}: italy's {len(italy)} labeled slices give folds 0 to {folds - 1} "
+                         f"of {n_validation} validation slices")
     order = list(range(len(italy)))
     random.Random(seed).shuffle(order)  # fixed, seeded split: validation slices are never trained on
-    validation = sorted(order[:n_validation])
-    train = [italy[i] for i in sorted(order[n_validation:])]
+    held_out = order[fold * n_validation:(fold + 1) * n_validation]
+    validation = sorted(held_out)
+    train = [italy[i] for i in sorted(set(order) - set(held_out))]
     sites = {
         "italy": {"training": train, "validation": [italy[i] for i in validation], "unlabeled": [], "test": []},
         "coronacases": {"training": [], "validation": [], "test": [],
@@ -168,14 +182,16 @@ def study_real2d(out: Path, quick: bool, root: Path | None = None, n_validation:
             sites[s]["unlabeled"] = sites[s]["unlabeled"][:24]
     methods = ["local", "centralized_ssl", "fssl", *ABLATIONS]
     (out / "split.json").parent.mkdir(parents=True, exist_ok=True)
-    (out / "split.json").write_text(json.dumps({"seed": seed, "italy_validation_indices": validation}, indent=1))
+    (out / "split.json").write_text(json.dumps({"seed": seed, "fold": fold, "folds": folds,
+                                                "italy_validation_indices": validation}, indent=1))
     # One labeled site with 40 slices against 541 unlabeled slices: at the job's labeled_weight (2) the two
     # unlabeled-only sites carry 40 % of the average and every round pulls italy's model back (README, Study B).
     # x20 gives italy ~94 % of the weight; fssl_no_upweight (1) shows the difference.
     return Study("real2d", cfg, sites, "validation", methods, executor_args={"labeled_weight": 20.0},
                  description="Study B: real COVID-SemiSeg slices (Fan et al., IEEE TMI 2020; non-commercial). "
                              f"italy: {len(train)} labeled training slices, {n_validation} held-out validation slices "
-                             "(fixed seeded split, never trained on); coronacases and radiopaedia: unlabeled. "
+                             f"(fixed seeded split, fold {fold} of {folds}, never trained on); coronacases and "
+                             "radiopaedia: unlabeled. "
                              "Federated methods: labeled_weight 20 (fssl_no_upweight: 1).")
 
 
@@ -593,15 +609,17 @@ def main_experiment(study_name: str, out: str, quick: bool = False, device: str 
                     methods: list[str] | None = None, seeds: list[int] | None = None, data: str | None = None,
                     epochs: int | None = None, settings: dict | None = None,
                     labeled_weight: float | None = None, labels_per_site: str | None = None,
-                    poc: bool = False, jobs: int = 1) -> dict:
+                    poc: bool = False, jobs: int = 1, fold: int | None = None) -> dict:
     out_dir = Path(out).resolve()
     check_jobs(jobs, poc)  # before any data is written
     if settings:
         resolve_config(settings)  # unknown keys and bad values fail here, before any data is written
+    if fold is not None and study_name != "real2d":
+        raise ValueError(f"--fold is for real2d (italy's validation folds); {study_name} has its own test scans")
     if study_name == "synthetic3d":
         study = study_synthetic3d(out_dir, quick, mosmed=data, labels_per_site=_labels_per_site(labels_per_site))
     elif study_name == "real2d":
-        study = study_real2d(out_dir, quick, root=Path(data) if data else None)
+        study = study_real2d(out_dir, quick, root=Path(data) if data else None, fold=fold or 0)
     else:
         raise ValueError(f"unknown study '{study_name}' (synthetic3d or real2d)")
     if seeds:
