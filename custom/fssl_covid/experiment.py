@@ -140,11 +140,6 @@ def study_synthetic3d(out: Path, quick: bool, mosmed: str | None = None,
                              f"Training scans: {counts}.")
 
 
-def real2d_folds(n_slices: int, n_validation: int = 10) -> int:
-    """How many disjoint validation folds of ``n_validation`` slices italy's labeled slices give (50 -> 5)."""
-    return n_slices // n_validation
-
-
 def study_real2d(out: Path, quick: bool, root: Path | None = None, n_validation: int = 10, seed: int = 0,
                  fold: int = 0) -> Study:
     """Study B.  Italy's labeled slices are shuffled once with a fixed seed and cut into disjoint folds of
@@ -154,7 +149,7 @@ def study_real2d(out: Path, quick: bool, root: Path | None = None, n_validation:
     if not (root / "italy.json").is_file():
         raise FileNotFoundError(f"COVID-SemiSeg datalists not found in {root} (see ../shared/data/README.md)")
     italy = load_datalist(root / "italy.json")["training"]
-    folds = real2d_folds(len(italy), n_validation)
+    folds = len(italy) // n_validation  # 50 slices: five folds of 10
     if not 0 <= fold < folds:
         raise ValueError(f"--fold {fold}: italy's {len(italy)} labeled slices give folds 0 to {folds - 1} "
                          f"of {n_validation} validation slices")
