@@ -17,7 +17,8 @@ import torch
 from conftest import COVID_SEMISEG, write_slice_site
 from fssl_covid.cli import main as fssl
 from fssl_covid.data import load_datalist
-from fssl_covid.experiment import study_real2d
+from fssl_covid.config import ConfigError
+from fssl_covid.experiment import check_settings, study_real2d
 from fssl_covid.networks import build_network
 from fssl_covid.trainer import SegmentationTrainer
 
@@ -132,6 +133,21 @@ def test_real2d_folds_are_disjoint_validation_splits_never_trained_on(tmp_path, 
         assert fssl(["experiment", *argv, "--quick", "--out", str(out)]) == 2
         assert message in capsys.readouterr().err
         assert not (out / "results.json").exists() and not (out / "seed0").exists()
+
+
+def test_settings_are_judged_over_the_studys_own_preset(tmp_path, capsys):
+    """A 2D patch size is a valid --set for the 2D study and not for the 3D one, and the other way round; refusals
+    come before anything is written."""
+    check_settings("real2d", {"data": {"patch_size": [256, 256]}})
+    check_settings("synthetic3d", {"data": {"patch_size": [48, 48, 16]}})
+    with pytest.raises(ConfigError, match="must have 3 entries"):
+        check_settings("synthetic3d", {"data": {"patch_size": [256, 256]}})
+    data = _semiseg_like(tmp_path / "semiseg")
+    out = tmp_path / "refused"
+    assert fssl(["experiment", "real2d", "--quick", "--data", str(data), "--out", str(out),
+                 "--set", "data.patch_size=[64,64,16]"]) == 2
+    assert "data.patch_size [64, 64, 16] must have 2 entries" in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_experiment_refuses_bad_settings_before_training(tmp_path, capsys):

@@ -103,6 +103,9 @@ def set_epochs(cfg: dict, epochs: int) -> None:
     train["epochs"] = epochs
 
 
+STUDY_PRESETS = {"synthetic3d": "synthetic3d", "real2d": "covid2d"}  # study -> its configuration in presets/
+
+
 def _preset(name: str) -> dict:
     return json.loads((PRESETS_DIR / f"{name}.json").read_text())
 
@@ -115,7 +118,7 @@ def study_synthetic3d(out: Path, quick: bool, mosmed: str | None = None,
 
     data = out / "data"
     paths = make_federation(data, seed=0, mosmed_dir=mosmed)
-    cfg = resolve_config(_preset("synthetic3d"))
+    cfg = resolve_config(_preset(STUDY_PRESETS["synthetic3d"]))
     if quick:
         cfg["network"]["channels"] = [8, 16, 32]
         cfg["network"]["strides"] = [2, 2]
@@ -165,7 +168,7 @@ def study_real2d(out: Path, quick: bool, root: Path | None = None, n_validation:
         "radiopaedia": {"training": [], "validation": [], "test": [],
                         "unlabeled": load_datalist(root / "radiopaedia.json")["unlabeled"]},
     }
-    cfg = resolve_config(_preset("covid2d"))
+    cfg = resolve_config(_preset(STUDY_PRESETS["real2d"]))
     if quick:
         cfg["data"]["patch_size"] = [96, 96]
         cfg["network"]["channels"] = [8, 16, 32]
@@ -600,6 +603,15 @@ def _labels_per_site(value: str | int | None) -> int | None:
     return int(value)
 
 
+def check_settings(study_name: str, settings: dict | None) -> None:
+    """Refuse an unknown study, unknown keys and bad values of ``--set``, judged over the study's own preset (so a
+    2D study takes 2D shapes), before anything is written."""
+    if study_name not in STUDY_PRESETS:
+        raise ValueError(f"unknown study '{study_name}' (synthetic3d or real2d)")
+    if settings:
+        resolve_config(deep_update(_preset(STUDY_PRESETS[study_name]), settings))
+
+
 def main_experiment(study_name: str, out: str, quick: bool = False, device: str = "auto",
                     methods: list[str] | None = None, seeds: list[int] | None = None, data: str | None = None,
                     epochs: int | None = None, settings: dict | None = None,
@@ -607,16 +619,13 @@ def main_experiment(study_name: str, out: str, quick: bool = False, device: str 
                     poc: bool = False, jobs: int = 1, fold: int | None = None) -> dict:
     out_dir = Path(out).resolve()
     check_jobs(jobs, poc)  # before any data is written
-    if settings:
-        resolve_config(settings)  # unknown keys and bad values fail here, before any data is written
+    check_settings(study_name, settings)  # before any data is written
     if fold is not None and study_name != "real2d":
         raise ValueError(f"--fold is for real2d (italy's validation folds); {study_name} has its own test scans")
     if study_name == "synthetic3d":
         study = study_synthetic3d(out_dir, quick, mosmed=data, labels_per_site=_labels_per_site(labels_per_site))
-    elif study_name == "real2d":
-        study = study_real2d(out_dir, quick, root=Path(data) if data else None, fold=fold or 0)
     else:
-        raise ValueError(f"unknown study '{study_name}' (synthetic3d or real2d)")
+        study = study_real2d(out_dir, quick, root=Path(data) if data else None, fold=fold or 0)
     if seeds:
         study.seeds = seeds
     if epochs:
