@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import psutil
 import pytest
 import torch
@@ -18,9 +20,10 @@ from conftest import COVID_SEMISEG, write_slice_site
 from fssl_covid.cli import main as fssl
 from fssl_covid.data import load_datalist
 from fssl_covid.config import ConfigError
-from fssl_covid.experiment import check_settings, study_real2d
+from fssl_covid.experiment import check_settings, evaluate_model, study_real2d
+from fssl_covid.inference import dice_at, threshold_averaged_dice
 from fssl_covid.networks import build_network
-from fssl_covid.trainer import SegmentationTrainer
+from fssl_covid.trainer import SegmentationTrainer, save_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -133,6 +136,29 @@ def test_real2d_folds_are_disjoint_validation_splits_never_trained_on(tmp_path, 
         assert fssl(["experiment", *argv, "--quick", "--out", str(out)]) == 2
         assert message in capsys.readouterr().err
         assert not (out / "results.json").exists() and not (out / "seed0").exists()
+
+
+def test_study_scores_are_what_fssl_predict_gives_on_each_slices_own_grid(tmp_path, tiny_2d):
+    """Slices of 60-90 pixels a side under a 64 x 64 network: the runner scores a model the way its users (and Fan
+    et al.) would, with `fssl predict --probabilities` against the masks as stored, not against resized masks."""
+    cases = load_datalist(write_slice_site(tmp_path / "site", 6, 0))["training"]
+    tiny_2d["train"].update({"iterations_per_epoch": 20, "epochs": 3, "lr": 0.01})
+    trainer = SegmentationTrainer(tiny_2d, {"training": cases})
+    trainer.fit()
+    save_checkpoint(tmp_path / "model.pt", trainer.get_weights(), trainer.cfg)
+    scores = evaluate_model(trainer.cfg, trainer.get_weights(), cases, "cpu")
+    assert fssl(["predict", "--model", str(tmp_path / "model.pt"), "--probabilities", "--device", "cpu",
+                 "--input", *[c["image"] for c in cases], "--out", str(tmp_path / "pred")]) == 0
+    d05, dmean = [], []
+    for case in cases:
+        prob = nib.load(tmp_path / "pred" / Path(case["image"]).name).get_fdata()
+        mask = nib.load(case["label"]).get_fdata()
+        assert prob.shape == mask.shape != (64, 64, 1)
+        d05.append(dice_at(prob, mask))
+        dmean.append(threshold_averaged_dice(prob, mask))
+    assert scores["n"] == 6 and np.mean(d05) > 0.3  # a model that finds the lesions, so the grids could differ
+    assert scores["dice"] == pytest.approx(np.mean(d05), abs=1e-6)
+    assert scores["mean_dice_256"] == pytest.approx(np.mean(dmean), abs=1e-6)
 
 
 def test_settings_are_judged_over_the_studys_own_preset(tmp_path, capsys):

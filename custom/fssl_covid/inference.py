@@ -19,6 +19,27 @@ from monai.transforms import Compose, Invertd
 from .data import DataError, preprocessing
 
 
+class GridPredictor:
+    """The lesion probability of an image file on the file's own grid (its shape, without resampling): preprocessed
+    as in training, segmented, mapped back with ``Invertd``.  The protocol of Fan et al. (2020): a prediction is
+    scored against the mask as it was drawn, not against a resized copy."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+        self.pre = Compose(preprocessing(trainer.cfg, ("image",), pad=False))
+        self.invert = Invertd(keys="pred", transform=self.pre, orig_keys="image", nearest_interp=False,
+                              to_tensor=True)
+
+    def __call__(self, path: str | Path, shape: tuple) -> np.ndarray:
+        """``shape``: the file's array shape (a 2D slice stored as (W, H, 1) gets its singleton axis back)."""
+        data = self.pre({"image": str(path)})
+        x = data["image"].unsqueeze(0).to(self.trainer.device)
+        prob = torch.softmax(self.trainer.predict_logits(x), dim=1)[0, 1:2].cpu()
+        data["pred"] = MetaTensor(prob, meta=data["image"].meta, applied_operations=data["image"].applied_operations)
+        prob = self.invert(data)["pred"][0].detach().cpu().numpy().astype(np.float32)
+        return _restore_shape(prob, shape, Path(path))
+
+
 def predict_files(trainer, images: Iterable[str | Path], out_dir: str | Path, probabilities: bool = False,
                   threshold: float | None = None) -> list[Path]:
     """Segment ``images`` with ``trainer``'s model; returns the written paths.
@@ -26,21 +47,14 @@ def predict_files(trainer, images: Iterable[str | Path], out_dir: str | Path, pr
     ``probabilities`` writes the lesion probability as float32; otherwise a 0/1 uint8 mask at ``threshold``
     (default ``inference.threshold`` of the configuration).
     """
-    cfg = trainer.cfg
-    threshold = cfg["inference"]["threshold"] if threshold is None else threshold
+    threshold = trainer.cfg["inference"]["threshold"] if threshold is None else threshold
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    pre = Compose(preprocessing(cfg, ("image",), pad=False))
-    invert = Invertd(keys="pred", transform=pre, orig_keys="image", nearest_interp=False, to_tensor=True)
+    predictor = GridPredictor(trainer)
     written = []
     for path in map(Path, images):
         src = nib.load(str(path))
-        data = pre({"image": str(path)})
-        x = data["image"].unsqueeze(0).to(trainer.device)
-        prob = torch.softmax(trainer.predict_logits(x), dim=1)[0, 1:2].cpu()
-        data["pred"] = MetaTensor(prob, meta=data["image"].meta, applied_operations=data["image"].applied_operations)
-        prob = invert(data)["pred"][0].detach().cpu().numpy().astype(np.float32)
-        prob = _restore_shape(prob, src.shape, path)
+        prob = predictor(path, src.shape)
         out = prob if probabilities else (prob >= threshold).astype(np.uint8)
         img = nib.Nifti1Image(out, src.affine, header=src.header.copy())
         img.set_data_dtype(np.float32 if probabilities else np.uint8)
