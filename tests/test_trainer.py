@@ -6,11 +6,13 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from conftest import write_slice_site
 from fssl_covid.cli import main as fssl
 from fssl_covid.data import load_datalist
-from fssl_covid.trainer import SegmentationTrainer, load_checkpoint
+from fssl_covid.inference import predict_files
+from fssl_covid.trainer import SegmentationTrainer, load_checkpoint, save_checkpoint
 
 
 def test_site_with_labels_only_is_plain_supervised(synthetic_sites, tiny_3d):
@@ -132,11 +134,69 @@ def test_checkpoint_round_trip_and_predict_keeps_the_input_grid(tmp_path, synthe
 def test_predict_2d_slices_keeps_singleton_axis(tmp_path, tiny_2d):
     dl = load_datalist(write_slice_site(tmp_path / "site", 2, 1))
     tr = SegmentationTrainer(tiny_2d, dl)
-    from fssl_covid.inference import predict_files
     written = predict_files(tr, [c["image"] for c in dl["training"]], tmp_path / "out")
     for case, path in zip(dl["training"], written):
         src, dst = nib.load(case["image"]), nib.load(path)
         assert dst.shape == src.shape and src.shape[-1] == 1 and np.allclose(dst.affine, src.affine)
+
+
+def test_a_2d_model_reads_pictures_as_it_reads_their_nifti_slices(tmp_path, tiny_2d, capsys):
+    """COVID-SemiSeg's original release is pictures (JPEG slices, PNG masks): `fssl predict` and `fssl evaluate`
+    take them with a 2D model and give what they give for the same slices as NIfTI, in the pictures' layout."""
+    dl = load_datalist(write_slice_site(tmp_path / "site", 4, 0))
+    tiny_2d["train"].update({"iterations_per_epoch": 20, "epochs": 3, "lr": 0.01})
+    tr = SegmentationTrainer(tiny_2d, dl)
+    tr.fit()
+    model = tmp_path / "model.pt"
+    save_checkpoint(model, tr.get_weights(), tr.cfg)
+    pics, masks = tmp_path / "pics", tmp_path / "masks"
+    pics.mkdir(), masks.mkdir()
+    datalist = {"test": []}
+    for i, case in enumerate(dl["training"]):
+        gray = nib.load(case["image"]).get_fdata()[..., 0].astype(np.uint8).T  # stored (W, H); a picture is (H, W)
+        picture = np.stack([gray] * 3, axis=-1) if i % 2 else gray  # colour and gray pictures of a gray slice
+        Image.fromarray(picture).save(pics / f"slice{i}.png")
+        Image.fromarray((nib.load(case["label"]).get_fdata()[..., 0].T * 255).astype(np.uint8)).save(
+            masks / f"slice{i}.png")
+        datalist["test"].append({"image": str(pics / f"slice{i}.png"), "label": str(masks / f"slice{i}.png")})
+    (tmp_path / "pictures.json").write_text(json.dumps(datalist))
+    nifti = predict_files(tr, [c["image"] for c in dl["training"]], tmp_path / "nifti", probabilities=True)
+    assert fssl(["predict", "--model", str(model), "--input", str(pics), "--out", str(tmp_path / "p"),
+                 "--probabilities", "--device", "cpu"]) == 0
+    assert fssl(["predict", "--model", str(model), "--input", str(pics), "--out", str(tmp_path / "m"),
+                 "--device", "cpu"]) == 0
+    for i, path in enumerate(nifti):
+        expected = nib.load(path).get_fdata()[..., 0].T  # (H, W), as the picture
+        prob = np.asarray(Image.open(tmp_path / "p" / f"slice{i}.png"))
+        mask = np.asarray(Image.open(tmp_path / "m" / f"slice{i}.png"))
+        assert prob.dtype == mask.dtype == np.uint8 and prob.shape == mask.shape == expected.shape
+        assert np.abs(prob.astype(float) - 255 * expected).max() <= 0.5 + 1e-3
+        assert set(np.unique(mask)) <= {0, 255} and np.array_equal(mask == 255, expected >= 0.5)
+        assert 0 < (mask == 255).sum() < mask.size  # a model that finds lesions, so the layout is tested
+    jpeg = tmp_path / "jpeg"
+    jpeg.mkdir()
+    Image.open(pics / "slice1.png").save(jpeg / "slice1.jpg", quality=95)  # lossy: the same size, a PNG out
+    assert fssl(["predict", "--model", str(model), "--input", str(jpeg), "--out", str(tmp_path / "j"),
+                 "--device", "cpu"]) == 0
+    assert np.asarray(Image.open(tmp_path / "j" / "slice1.png")).shape == Image.open(jpeg / "slice1.jpg").size[::-1]
+    capsys.readouterr()
+    scores = {}
+    for name, args in (("nifti", [str(tmp_path / "site" / "datalist.json"), "--key", "training"]),
+                       ("pictures", [str(tmp_path / "pictures.json"), "--key", "test"])):
+        assert fssl(["evaluate", "--model", str(model), "--device", "cpu", "--datalist", *args]) == 0
+        scores[name] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert scores["pictures"]["n"] == 4 and scores["pictures"]["dice"] > 0.3
+    assert scores["pictures"] == pytest.approx(scores["nifti"], abs=1e-6)
+
+
+def test_a_3d_model_refuses_pictures_naming_the_file(tmp_path, synthetic_sites, tiny_3d, capsys):
+    tr = SegmentationTrainer(tiny_3d, load_datalist(synthetic_sites["china"]))
+    save_checkpoint(tmp_path / "model.pt", tr.get_weights(), tr.cfg)
+    Image.fromarray(np.zeros((40, 30), np.uint8)).save(tmp_path / "slice.jpg")
+    assert fssl(["predict", "--model", str(tmp_path / "model.pt"), "--input", str(tmp_path / "slice.jpg"),
+                 "--out", str(tmp_path / "out"), "--device", "cpu"]) == 2
+    assert f"{tmp_path / 'slice.jpg'}: a picture needs a 2D model" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_site_config_command_writes_settings_and_refuses_bad_values(tmp_path, synthetic_sites):

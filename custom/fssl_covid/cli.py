@@ -108,31 +108,33 @@ def _trainer_for(model: str, config: str | None, device: str | None):
 
 def cmd_evaluate(args) -> int:
     from .data import load_datalist
+    from .inference import score_cases
 
     trainer = _trainer_for(args.model, args.config, args.device)
     cases = load_datalist(args.datalist, args.data_root)[args.key]
     if not cases:
         print(f"error: datalist {args.datalist} has no '{args.key}' cases", file=sys.stderr)
         return 2
-    metrics = trainer.evaluate(cases)
-    print(json.dumps(metrics))
+    print(json.dumps(score_cases(trainer, cases)))
     return 0
 
 
 def cmd_predict(args) -> int:
-    from .inference import predict_files
+    from .inference import PICTURE_SUFFIXES, predict_files
 
     images: list[Path] = []
     for item in map(Path, args.input):
         if item.is_dir():
-            images.extend(sorted(p for p in item.iterdir() if p.name.endswith((".nii", ".nii.gz"))))
+            images.extend(sorted(p for p in item.iterdir()
+                                 if p.name.endswith((".nii", ".nii.gz")) or p.suffix.lower() in PICTURE_SUFFIXES))
         elif item.is_file():
             images.append(item)
         else:
             print(f"error: input {item} does not exist", file=sys.stderr)
             return 2
     if not images:
-        print("error: no NIfTI images (*.nii, *.nii.gz) in the inputs", file=sys.stderr)
+        print("error: no images (NIfTI, or PNG / JPEG / BMP / TIFF pictures for a 2D model) in the inputs",
+              file=sys.stderr)
         return 2
     trainer = _trainer_for(args.model, args.config, args.device)
     written = predict_files(trainer, images, args.out, probabilities=args.probabilities, threshold=args.threshold)
@@ -307,7 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="Dice of a checkpoint on a datalist",
-                       description="Print {'val_dice', 'val_cases'} of a checkpoint on one key of a datalist.")
+                       description="Print {'dice', 'mean_dice_256', 'n'} of a checkpoint on one key of a "
+                                   "datalist: Dice at 0.5 and averaged over 256 thresholds, per scan on its own "
+                                   "grid (as fssl predict writes it), averaged over scans.")
     p.add_argument("--model", required=True, help="checkpoint (.pt) from fssl train or a FLARE job")
     p.add_argument("--config", default=None, help=CHECKPOINT_CONFIG_HELP)
     p.add_argument("--datalist", required=True)
@@ -318,10 +322,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="write lesion masks (or probabilities) on the input's own grid",
                        description="For every input NIfTI, write a NIfTI with the same shape, affine and file "
-                                   "name into --out: a 0/1 mask, or the lesion probability with --probabilities.")
+                                   "name into --out: a 0/1 mask, or the lesion probability with --probabilities. "
+                                   "A 2D model also takes pictures (PNG, JPEG, BMP, TIFF): it writes <name>.png of "
+                                   "the same size, a 0/255 mask or the probability in 8 bits (round(255 p)).")
     p.add_argument("--model", required=True, help="checkpoint (.pt)")
     p.add_argument("--config", default=None, help=CHECKPOINT_CONFIG_HELP)
-    p.add_argument("--input", nargs="+", required=True, help="NIfTI files or folders")
+    p.add_argument("--input", nargs="+", required=True, help="NIfTI files (or pictures for a 2D model) or folders")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--probabilities", action="store_true", help="write float lesion probabilities")
     p.add_argument("--threshold", type=float, default=None, help="mask threshold (default inference.threshold)")

@@ -86,8 +86,9 @@ def load_datalist(path: str | Path, data_root: str | Path | None = None) -> dict
 class EnsureSpatialDimsd(MapTransform):
     """Bring channel-first arrays to the configured number of spatial dims.
 
-    2D slices are stored as (W, H, 1): the singleton third axis is dropped.  A real volume given to a 2D
-    configuration, or a single slice given to a 3D one, is refused with the file's name.
+    2D slices are stored as (W, H, 1): the singleton third axis is dropped.  A picture (PNG, JPEG, ...) read in
+    colour becomes gray (the mean of its red, green and blue: CT pictures are gray in three equal channels).  A real
+    volume given to a 2D configuration, or a single slice given to a 3D one, is refused with the file's name.
     """
 
     def __init__(self, keys, spatial_dims: int, allow_missing_keys: bool = False):
@@ -101,6 +102,8 @@ class EnsureSpatialDimsd(MapTransform):
             spatial = tuple(x.shape[1:])
             name = _source_name(x)
             if self.spatial_dims == 2:
+                if x.shape[0] in (3, 4) and _read_channel_last(x):  # RGB(A) picture
+                    x = x[:3].mean(dim=0, keepdim=True)
                 if len(spatial) == 3 and spatial[2] == 1:
                     x = x[..., 0]
                 elif len(spatial) != 2:
@@ -126,6 +129,12 @@ def root_cause(error: BaseException) -> str:
     while error.__cause__ is not None:
         error = error.__cause__
     return str(error)
+
+
+def _read_channel_last(x) -> bool:
+    """Whether the reader found the channels last (PIL's colour pictures), not a channel added by MONAI."""
+    dim = (getattr(x, "meta", None) or {}).get("original_channel_dim")
+    return isinstance(dim, int) and dim == -1
 
 
 def _source_name(x) -> str:

@@ -37,14 +37,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import psutil  # a dependency of nvflare
 import torch
 
 from .config import PRESETS_DIR, resolve_config
 from .data import load_datalist
-from .inference import GridPredictor, dice_at, threshold_averaged_dice
+from .inference import score_cases
 from .jobs import REPO, customize_job, deep_update, flare_env, run_simulator, write_site_configs
 from .networks import initial_network
 from .results import find_job_outputs, load_cross_site
@@ -196,21 +195,12 @@ def study_real2d(out: Path, quick: bool, root: Path | None = None, n_validation:
 
 # ---------------------------------------------------------------------------------------------- evaluation
 def evaluate_model(cfg: dict, weights: dict, cases: list[dict], device: str) -> dict:
-    """Dice at 0.5 and threshold-averaged ("mean") Dice per image, averaged over images, each image scored on its
-    own grid against its mask as stored (what ``fssl predict`` writes; the protocol of Fan et al.), not at the
-    network's input size."""
+    """``score_cases`` of a model: Dice at 0.5 and "mean" Dice, each scan on its own grid."""
     if not cases:
         return {}
     trainer = SegmentationTrainer(cfg, {}, device=device)
     trainer.set_weights(weights)
-    predictor = GridPredictor(trainer)
-    d05, dmean = [], []
-    for case in cases:
-        target = np.asanyarray(nib.load(str(case["label"])).dataobj) > 0.5  # lesion labels merged, as in training
-        prob = predictor(case["image"], target.shape)
-        d05.append(dice_at(prob, target))
-        dmean.append(threshold_averaged_dice(prob, target))
-    return {"dice": float(np.mean(d05)), "mean_dice_256": float(np.mean(dmean)), "n": len(d05)}
+    return score_cases(trainer, cases)
 
 
 def _labeled_union(study: Study, key: str) -> list[dict]:

@@ -1,8 +1,10 @@
-"""Inference: lesion masks or probabilities written on the input's own grid.
+"""Inference: lesion masks or probabilities written on the input's own grid, and scores computed the same way.
 
 Each input image is preprocessed exactly as in training (orientation, spacing, window, resize), segmented
 (sliding windows in 3D), and the lesion probability is mapped back with MONAI's ``Invertd`` so that the output
-NIfTI has the same shape and affine as the input file and the same file name, in the output folder.
+has the same shape as the input file and the same name, in the output folder: a NIfTI with the input's affine for
+NIfTI inputs; for a 2D picture (PNG, JPEG, BMP, TIFF: the format of COVID-SemiSeg's original release) a PNG, the
+mask 0/255 and the probability in 8 bits (round(255 p), as Inf-Net writes its maps).
 """
 
 from __future__ import annotations
@@ -14,9 +16,17 @@ import nibabel as nib
 import numpy as np
 import torch
 from monai.data import MetaTensor
-from monai.transforms import Compose, Invertd
+from monai.transforms import Compose, EnsureChannelFirstd, Invertd, LoadImaged
+from PIL import Image
 
-from .data import DataError, preprocessing
+from .data import DataError, EnsureSpatialDimsd, preprocessing
+
+PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
+def is_picture(path: str | Path) -> bool:
+    return Path(path).suffix.lower() in PICTURE_SUFFIXES
+
 
 
 class GridPredictor:
@@ -30,39 +40,85 @@ class GridPredictor:
         self.invert = Invertd(keys="pred", transform=self.pre, orig_keys="image", nearest_interp=False,
                               to_tensor=True)
 
-    def __call__(self, path: str | Path, shape: tuple) -> np.ndarray:
-        """``shape``: the file's array shape (a 2D slice stored as (W, H, 1) gets its singleton axis back)."""
+    def __call__(self, path: str | Path, shape: tuple | None = None) -> np.ndarray:
+        """``shape``: the file's array shape (a 2D slice stored as (W, H, 1) gets its singleton axis back); None:
+        the grid as read (a picture's (W, H))."""
         data = self.pre({"image": str(path)})
         x = data["image"].unsqueeze(0).to(self.trainer.device)
         prob = torch.softmax(self.trainer.predict_logits(x), dim=1)[0, 1:2].cpu()
         data["pred"] = MetaTensor(prob, meta=data["image"].meta, applied_operations=data["image"].applied_operations)
         prob = self.invert(data)["pred"][0].detach().cpu().numpy().astype(np.float32)
-        return _restore_shape(prob, shape, Path(path))
+        return prob if shape is None else _restore_shape(prob, shape, Path(path))
 
 
 def predict_files(trainer, images: Iterable[str | Path], out_dir: str | Path, probabilities: bool = False,
                   threshold: float | None = None) -> list[Path]:
     """Segment ``images`` with ``trainer``'s model; returns the written paths.
 
-    ``probabilities`` writes the lesion probability as float32; otherwise a 0/1 uint8 mask at ``threshold``
-    (default ``inference.threshold`` of the configuration).
+    ``probabilities`` writes the lesion probability (float32 NIfTI; 8-bit PNG for a picture); otherwise a mask at
+    ``threshold`` (default ``inference.threshold`` of the configuration): 0/1 uint8 NIfTI, 0/255 PNG.
     """
     threshold = trainer.cfg["inference"]["threshold"] if threshold is None else threshold
+    images = [Path(p) for p in images]
+    pictures = [p for p in images if is_picture(p)]
+    if pictures and trainer.cfg["data"]["spatial_dims"] != 2:
+        raise DataError(f"{pictures[0]}: a picture needs a 2D model; this checkpoint's model is 3D")
+    names = [_output_name(p) for p in images]
+    clash = sorted({n for n in names if names.count(n) > 1})
+    if clash:
+        raise DataError(f"two inputs would write the same output file {clash[0]} (e.g. a.png and a.jpg): "
+                        "predict them into separate folders")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     predictor = GridPredictor(trainer)
     written = []
-    for path in map(Path, images):
-        src = nib.load(str(path))
-        prob = predictor(path, src.shape)
-        out = prob if probabilities else (prob >= threshold).astype(np.uint8)
-        img = nib.Nifti1Image(out, src.affine, header=src.header.copy())
-        img.set_data_dtype(np.float32 if probabilities else np.uint8)
-        img.header.set_slope_inter(1.0, 0.0)
-        target = out_dir / path.name
-        nib.save(img, str(target))
+    for path, name in zip(images, names):
+        target = out_dir / name
+        if is_picture(path):
+            prob = predictor(path)
+            out = np.rint(prob * 255) if probabilities else (prob >= threshold) * 255
+            Image.fromarray(np.ascontiguousarray(out.astype(np.uint8).T)).save(target)  # (W, H) read, (H, W) stored
+        else:
+            src = nib.load(str(path))
+            prob = predictor(path, src.shape)
+            out = prob if probabilities else (prob >= threshold).astype(np.uint8)
+            img = nib.Nifti1Image(out, src.affine, header=src.header.copy())
+            img.set_data_dtype(np.float32 if probabilities else np.uint8)
+            img.header.set_slope_inter(1.0, 0.0)
+            nib.save(img, str(target))
         written.append(target)
     return written
+
+
+def _output_name(path: Path) -> str:
+    return f"{path.stem}.png" if is_picture(path) else path.name
+
+
+def read_mask(path: str | Path, spatial_dims: int) -> np.ndarray:
+    """A lesion mask as a boolean array on its file's grid, as the predictor returns probabilities for it: NIfTI as
+    stored; a picture as MONAI reads it, (W, H), in gray; labels > 0.5 are lesion (0/1 and 0/255 masks alike)."""
+    if not is_picture(path):
+        return np.asanyarray(nib.load(str(path)).dataobj) > 0.5
+    load = Compose([LoadImaged(keys="label", image_only=True), EnsureChannelFirstd(keys="label"),
+                    EnsureSpatialDimsd(keys="label", spatial_dims=spatial_dims)])
+    return load({"label": str(path)})["label"][0].numpy() > 0.5
+
+
+def score_cases(trainer, cases: list[dict]) -> dict:
+    """Dice at 0.5 and threshold-averaged ("mean") Dice per image, averaged over images, each image scored on its
+    own grid against its mask as stored (what ``predict_files`` writes; the protocol of Fan et al.), not at the
+    network's input size.  Aggregates only."""
+    predictor = GridPredictor(trainer)
+    d05, dmean = [], []
+    for case in cases:
+        target = read_mask(case["label"], trainer.cfg["data"]["spatial_dims"])
+        try:
+            prob = predictor(case["image"], target.shape)
+        except DataError as e:
+            raise DataError(f"{e} (the shape of its mask {case['label']})") from e
+        d05.append(dice_at(prob, target))
+        dmean.append(threshold_averaged_dice(prob, target))
+    return {"dice": float(np.mean(d05)), "mean_dice_256": float(np.mean(dmean)), "n": len(d05)}
 
 
 def _restore_shape(prob: np.ndarray, shape: tuple, path: Path) -> np.ndarray:
