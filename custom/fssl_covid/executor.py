@@ -21,6 +21,7 @@ from nvflare.apis.signal import Signal
 from nvflare.app_common.app_constant import AppConstants
 
 from .data import load_datalist
+from .inference import score_cases
 from .site_settings import find_settings
 from .trainer import SegmentationTrainer
 from .validation import data_expectations, usable_cases
@@ -160,13 +161,13 @@ class FSSLExecutor(Executor):
         own = self.trainer.get_weights()
         try:
             self.trainer.set_weights(dxo.data)
-            metrics = self.trainer.evaluate(self.eval_cases)
+            scores = score_cases(self.trainer, self.eval_cases)  # as `fssl evaluate` scores: each scan on its grid
         finally:
             self.trainer.set_weights(own)
         if abort_signal.triggered:
             return make_reply(ReturnCode.TASK_ABORTED)
-        self.log_info(fl_ctx, f"model of {owner}: val_dice {metrics['val_dice']:.4f} on {metrics['val_cases']} cases")
-        return DXO(DataKind.METRICS, {"val_dice": metrics["val_dice"]}).to_shareable()
+        self.log_info(fl_ctx, f"model of {owner}: val_dice {scores['dice']:.4f} on {scores['n']} cases")
+        return DXO(DataKind.METRICS, {"val_dice": scores["dice"]}).to_shareable()
 
     def _stream(self, current_round: int, result) -> None:
         if self.writer is None:
