@@ -28,7 +28,6 @@ def is_picture(path: str | Path) -> bool:
     return Path(path).suffix.lower() in PICTURE_SUFFIXES
 
 
-
 class GridPredictor:
     """The lesion probability of an image file on the file's own grid (its shape, without resampling): preprocessed
     as in training, segmented, mapped back with ``Invertd``.  The protocol of Fan et al. (2020): a prediction is
