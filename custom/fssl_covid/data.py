@@ -142,6 +142,13 @@ def _source_name(x) -> str:
     return str(meta.get("filename_or_obj", "image"))
 
 
+def loading(keys: Sequence[str], spatial_dims: int) -> list:
+    """Read files (NIfTI, or pictures for 2D) as channel-first arrays of ``spatial_dims`` dims on their own grid."""
+    keys = list(keys)
+    return [LoadImaged(keys=keys, image_only=True), EnsureChannelFirstd(keys=keys),
+            EnsureSpatialDimsd(keys=keys, spatial_dims=spatial_dims)]
+
+
 def preprocessing(cfg: Mapping, keys: Sequence[str] = ("image", "label"), pad: bool = True) -> list:
     """Deterministic preprocessing (cached): load, channel first, 2D/3D check, orientation and spacing (3D),
     intensity window (or the image's own percentiles) to 0..1, label binarization, resize (2D) or pad to the patch
@@ -152,11 +159,7 @@ def preprocessing(cfg: Mapping, keys: Sequence[str] = ("image", "label"), pad: b
     has_label = "label" in keys
     modes = ["bilinear", "nearest"] if has_label else ["bilinear"]
     lo, hi = data["intensity_range"]
-    xforms: list = [
-        LoadImaged(keys=keys, image_only=True),
-        EnsureChannelFirstd(keys=keys),
-        EnsureSpatialDimsd(keys=keys, spatial_dims=dims),
-    ]
+    xforms = loading(keys, dims)
     if dims == 3:
         if data["orientation"]:
             xforms.append(Orientationd(keys=keys, axcodes=data["orientation"]))

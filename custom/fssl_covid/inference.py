@@ -16,10 +16,10 @@ import nibabel as nib
 import numpy as np
 import torch
 from monai.data import MetaTensor
-from monai.transforms import Compose, EnsureChannelFirstd, Invertd, LoadImaged
+from monai.transforms import Compose, Invertd
 from PIL import Image
 
-from .data import DataError, EnsureSpatialDimsd, preprocessing
+from .data import DataError, loading, preprocessing
 
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
@@ -94,13 +94,9 @@ def _output_name(path: Path) -> str:
 
 
 def read_mask(path: str | Path, spatial_dims: int) -> np.ndarray:
-    """A lesion mask as a boolean array on its file's grid, as the predictor returns probabilities for it: NIfTI as
-    stored; a picture as MONAI reads it, (W, H), in gray; labels > 0.5 are lesion (0/1 and 0/255 masks alike)."""
-    if not is_picture(path):
-        return np.asanyarray(nib.load(str(path)).dataobj) > 0.5
-    load = Compose([LoadImaged(keys="label", image_only=True), EnsureChannelFirstd(keys="label"),
-                    EnsureSpatialDimsd(keys="label", spatial_dims=spatial_dims)])
-    return load({"label": str(path)})["label"][0].numpy() > 0.5
+    """A lesion mask as a boolean array on its file's grid, read as the predictor reads images (a 2D slice's
+    singleton axis dropped, a picture in gray as (W, H)); labels > 0.5 are lesion (0/1 and 0/255 masks alike)."""
+    return Compose(loading(("label",), spatial_dims))({"label": str(path)})["label"][0].numpy() > 0.5
 
 
 def score_cases(trainer, cases: list[dict]) -> dict:
