@@ -138,6 +138,31 @@ def test_real2d_folds_are_disjoint_validation_splits_never_trained_on(tmp_path, 
         assert not (out / "results.json").exists() and not (out / "seed0").exists()
 
 
+def test_real2d_labels_per_site_keeps_n_masks_and_moves_italys_other_slices_to_its_unlabeled(tmp_path, capsys):
+    """--labels-per-site N on real2d: italy keeps the masks of the first N training slices of the seeded order; its
+    other training slices train unlabeled at italy (masks dropped); the validation fold is untouched; default: all
+    40 labeled, as before; more than italy has is refused before anything is written."""
+    data = _semiseg_like(tmp_path / "semiseg")
+    full = study_real2d(tmp_path / "full", quick=True, root=data, fold=2).sites["italy"]
+    few = study_real2d(tmp_path / "few", quick=True, root=data, fold=2, labels_per_site=15).sites["italy"]
+    assert (len(full["training"]), full["unlabeled"]) == (40, [])
+    assert len(few["training"]) == 15 and len(few["unlabeled"]) == 25
+    assert all(set(c) == {"image"} for c in few["unlabeled"])
+    assert {c["image"] for c in few["training"]} | {c["image"] for c in few["unlabeled"]} == \
+        {c["image"] for c in full["training"]}
+    assert few["validation"] == full["validation"]
+    split = json.loads((tmp_path / "few" / "split.json").read_text())
+    order = list(range(50))
+    random.Random(0).shuffle(order)
+    rest = [i for i in order if i not in split["italy_validation_indices"]]
+    assert split["italy_labeled_indices"] == sorted(rest[:15])
+    out = tmp_path / "refused"
+    assert fssl(["experiment", "real2d", "--quick", "--data", str(data), "--labels-per-site", "41",
+                 "--out", str(out)]) == 2
+    assert "--labels-per-site 41: italy has 40 training slices" in capsys.readouterr().err
+    assert not (out / "results.json").exists()
+
+
 def test_study_scores_are_what_fssl_predict_gives_on_each_slices_own_grid(tmp_path, tiny_2d):
     """Slices of 60-90 pixels a side under a 64 x 64 network: the runner scores a model the way its users (and Fan
     et al.) would, with `fssl predict --probabilities` against the masks as stored, not against resized masks."""

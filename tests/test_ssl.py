@@ -66,6 +66,27 @@ def test_geometry_is_applied_identically_to_image_and_label():
     assert torch.equal(identity(x)[0], x)
 
 
+def test_gamma_curves_each_images_contrast_within_its_range_and_off_keeps_the_old_draws():
+    """``gamma`` g: image i becomes x_i ** e^u_i, u_i uniform in [-g, g], one exponent per image (monotone: the
+    ordering of intensities, so every edge, stays); g = 0 draws nothing, so every other draw is what it was."""
+    x = torch.rand(6, 1, 16, 16)
+    gen = torch.Generator().manual_seed(0)
+    out, _ = Perturbation({"gamma": 0.4}, gen)(x)
+    for xi, oi in zip(x, out):
+        flat, curved = xi.flatten(), oi.flatten()
+        exponent = (curved.log() / flat.log()).median()  # the one exponent of this image
+        assert torch.allclose(curved, flat ** exponent, atol=1e-5)
+        assert 0.4 >= exponent.log().abs() > 0.0
+        assert torch.equal(flat.argsort(), curved.argsort())
+    assert out.flatten(1).mean(1).std() > 0.01  # the exponents differ between images
+    old = {"noise_std": 0.05, "intensity_scale": 0.1, "intensity_shift": 0.1, "flip_prob": 0.5}
+    a = Perturbation(old, torch.Generator().manual_seed(3))(x)[0]
+    b = Perturbation({**old, "gamma": 0.0}, torch.Generator().manual_seed(3))(x)[0]
+    assert torch.equal(a, b)
+    with pytest.raises(ConfigError, match="train.augment.gamma"):
+        resolve_config({"train": {"augment": {"gamma": -0.1}}})
+
+
 def test_consistency_loss_goes_down_on_a_fixed_unlabeled_batch():
     torch.manual_seed(0)
     cfg = resolve_config({"ssl": {"confidence_threshold": 0.6}})["ssl"]

@@ -247,6 +247,32 @@ def test_flip_tta_averages_the_probabilities_of_the_flipped_views(tiny_2d, tiny_
     assert not torch.allclose(torch.softmax(tta, dim=1), plain, atol=1e-4)  # the views do differ
 
 
+def test_dice_batch_off_averages_each_images_dice(tiny_2d):
+    """train.dice_batch false: the Dice term is the mean of each image's Dice loss (a small lesion counts as much
+    as a large one), not one Dice over the batch; the cross-entropy is the same either way."""
+    from monai.losses import DiceLoss
+
+    from fssl_covid.config import ConfigError
+    from fssl_covid.trainer import supervised_loss
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 2, 16, 16)
+    labels = torch.zeros(2, 1, 16, 16)
+    labels[0, :, 2:14, 2:14] = 1  # a large lesion
+    labels[1, :, 5:7, 5:7] = 1  # a small one
+    per_image = [DiceLoss(to_onehot_y=True, softmax=True, include_background=False)(logits[i:i + 1], labels[i:i + 1])
+                 for i in range(2)]
+    ce = torch.nn.functional.cross_entropy(logits, labels[:, 0].long(), weight=torch.tensor([1.0, 3.0]))
+    off = supervised_loss(3.0, dice_batch=False)(logits, labels)
+    assert off.item() == pytest.approx((sum(per_image) / 2 + ce).item(), rel=1e-5)
+    assert abs(off.item() - supervised_loss(3.0)(logits, labels).item()) > 0.01
+    trainer = SegmentationTrainer({**tiny_2d, "train": {**tiny_2d["train"], "dice_batch": False}}, {})
+    assert trainer.sup_loss.dice.batch is False
+    tiny_2d["train"]["dice_batch"] = "no"
+    with pytest.raises(ConfigError, match="dice_batch"):
+        SegmentationTrainer(tiny_2d, {})
+
+
 def test_lesion_ce_weight_reweights_only_the_cross_entropy(tiny_2d):
     """supervised_loss(w) = lesion Dice (unscaled) + cross-entropy with class weights [1, w]; w = 1 is plain
     DiceCE; a weight that is not positive is refused."""

@@ -369,8 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the federated methods in FLARE's POC mode (a real server and one client process per "
                         "site on this machine, port 8002) instead of the simulator")
     p.add_argument("--labels-per-site", default=None, metavar="N|all",
-                   help="synthetic3d: masks kept per labeled site, the other training scans train unlabeled "
-                        "(default all: china 6, italy 4)")
+                   help="masks kept per labeled site, the other training scans train unlabeled (default all; "
+                        "synthetic3d: china 6, italy 4; real2d: italy 40 of 50, the rest its validation fold)")
     p.add_argument("--data", default=None, help="real2d: the covid_semiseg folder; synthetic3d: MosMed masks folder")
     p.add_argument("--fold", type=int, default=None, metavar="K",
                    help="real2d: which fold of italy's labeled slices is the validation split (default 0, the "

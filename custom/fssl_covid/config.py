@@ -123,11 +123,11 @@ DEFAULTS: dict[str, Any] = {
         # Measured on Study B pooled (eighth session, seed 0, mse): 3 gave 0.681 against 0.721 at 1.
         "lesion_weight": 1.0,
         # The weak view is intensity-only, so the teacher's output stays on the image grid.
-        "weak": {"noise_std": 0.0, "intensity_scale": 0.0, "intensity_shift": 0.0},
+        "weak": {"noise_std": 0.0, "intensity_scale": 0.0, "intensity_shift": 0.0, "gamma": 0.0},
         # The 2D preset turns the strong view's rotation and zoom off, as for the labeled batches: Study B, 3 seeds,
         # fssl 0.743 / 0.749 / 0.768 with them, 0.751 / 0.753 / 0.774 without (docs/experiments.md).
         "strong": {"noise_std": 0.05, "intensity_scale": 0.15, "intensity_shift": 0.1,
-                   "flip_prob": 0.5, "rotate_deg": 10.0, "scale": 0.1},
+                   "flip_prob": 0.5, "rotate_deg": 10.0, "scale": 0.1, "gamma": 0.0},
     },
     "train": {
         "optimizer": "adamw",  # "adamw" or "sgd"
@@ -151,10 +151,13 @@ DEFAULTS: dict[str, Any] = {
         # rotation and zoom off: on Study B (real slices, 3 seeds, 800 iterations) the final Dice fell as the warp
         # grew — none 0.759, 5 deg / 5 % 0.748, 10 deg / 10 % 0.747, 30 deg / 25 % 0.717 (docs/experiments.md).
         "augment": {"noise_std": 0.02, "intensity_scale": 0.1, "intensity_shift": 0.05,
-                    "flip_prob": 0.5, "rotate_deg": 10.0, "scale": 0.1},
+                    "flip_prob": 0.5, "rotate_deg": 10.0, "scale": 0.1, "gamma": 0.0},
         # Weight of the lesion class in the supervised cross-entropy (background 1; the Dice term keeps its scale).
         # Plain CE lets the abundant background pull uncertain lesion pixels below 0.5: models under-segment.
         "lesion_ce_weight": 1.0,
+        # The supervised Dice term over the whole batch (True: one Dice of all its voxels) or per image, averaged
+        # (False: every slice or scan counts alike, as in the per-image Dice the studies report).
+        "dice_batch": True,
         "amp": True,  # mixed precision, only used on CUDA
         # "auto": bfloat16 where the GPU supports it (fp32's range: no overflow), else float16 with loss scaling.
         # float16 overflowed in the forward pass of a wider 2D U-Net on an H200 (Study B, 2026-11-27): NaN losses.
@@ -315,6 +318,11 @@ def _check(cfg: dict) -> None:
         raise ConfigError(f"ssl.lesion_weight must be positive, got {ssl['lesion_weight']}")
     if not float(train["lesion_ce_weight"]) > 0.0:
         raise ConfigError(f"train.lesion_ce_weight must be positive, got {train['lesion_ce_weight']}")
+    for name, view in (("ssl.weak", ssl["weak"]), ("ssl.strong", ssl["strong"]), ("train.augment", train["augment"])):
+        if not float(view.get("gamma", 0.0)) >= 0.0:
+            raise ConfigError(f"{name}.gamma must be 0 (off) or more, got {view['gamma']}")
+    if not isinstance(train["dice_batch"], bool):
+        raise ConfigError(f"train.dice_batch must be true or false, got {train['dice_batch']!r}")
     for key in ("batch_size", "unlabeled_batch_size", "iterations_per_epoch", "epochs"):
         if int(train[key]) < 1:
             raise ConfigError(f"train.{key} must be at least 1, got {train[key]}")

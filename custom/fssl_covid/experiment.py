@@ -144,10 +144,12 @@ def study_synthetic3d(out: Path, quick: bool, mosmed: str | None = None,
 
 
 def study_real2d(out: Path, quick: bool, root: Path | None = None, n_validation: int = 10, seed: int = 0,
-                 fold: int = 0) -> Study:
+                 fold: int = 0, labels_per_site: int | None = None) -> Study:
     """Study B.  Italy's labeled slices are shuffled once with a fixed seed and cut into disjoint folds of
     ``n_validation``; fold ``fold`` is the validation split (never trained on), the rest trains.  Fold 0 is the
-    study's split; folds 1.. give a cross-validation over other held-out slices (``fssl experiment --fold K``)."""
+    study's split; folds 1.. give a cross-validation over other held-out slices (``fssl experiment --fold K``).
+    ``labels_per_site`` N: italy keeps the masks of N of its training slices (the first N of the same shuffled
+    order) and its other training slices join the study as italy's own unlabeled slices (None: all 40 labeled)."""
     root = Path(root or SHARED_DATA / "covid_semiseg")
     if not (root / "italy.json").is_file():
         raise FileNotFoundError(f"COVID-SemiSeg datalists not found in {root} (see ../shared/data/README.md)")
@@ -160,9 +162,15 @@ def study_real2d(out: Path, quick: bool, root: Path | None = None, n_validation:
     random.Random(seed).shuffle(order)  # fixed, seeded split: validation slices are never trained on
     held_out = order[fold * n_validation:(fold + 1) * n_validation]
     validation = sorted(held_out)
-    train = [italy[i] for i in sorted(set(order) - set(held_out))]
+    rest = [i for i in order if i not in held_out]
+    if labels_per_site is not None and not labels_per_site <= len(rest):
+        raise ValueError(f"--labels-per-site {labels_per_site}: italy has {len(rest)} training slices")
+    kept = sorted(rest[:labels_per_site] if labels_per_site is not None else rest)
+    train = [italy[i] for i in kept]
+    italy_unlabeled = [{"image": italy[i]["image"]} for i in sorted(set(rest) - set(kept))]
     sites = {
-        "italy": {"training": train, "validation": [italy[i] for i in validation], "unlabeled": [], "test": []},
+        "italy": {"training": train, "validation": [italy[i] for i in validation], "unlabeled": italy_unlabeled,
+                  "test": []},
         "coronacases": {"training": [], "validation": [], "test": [],
                         "unlabeled": load_datalist(root / "coronacases.json")["unlabeled"]},
         "radiopaedia": {"training": [], "validation": [], "test": [],
@@ -181,13 +189,17 @@ def study_real2d(out: Path, quick: bool, root: Path | None = None, n_validation:
     methods = ["local", "centralized_ssl", "fssl", *ABLATIONS]
     (out / "split.json").parent.mkdir(parents=True, exist_ok=True)
     (out / "split.json").write_text(json.dumps({"seed": seed, "fold": fold, "folds": folds,
-                                                "italy_validation_indices": validation}, indent=1))
+                                                "italy_validation_indices": validation,
+                                                "italy_labeled_indices": kept}, indent=1))
     # One labeled site with 40 slices against 541 unlabeled slices: at the job's labeled_weight (2) the two
     # unlabeled-only sites carry 40 % of the average and every round pulls italy's model back (README, Study B).
     # x20 gives italy ~94 % of the weight; fssl_no_upweight (1) shows the difference.
     return Study("real2d", cfg, sites, "validation", methods, executor_args={"labeled_weight": 20.0},
                  description="Study B: real COVID-SemiSeg slices (Fan et al., IEEE TMI 2020; non-commercial). "
-                             f"italy: {len(train)} labeled training slices, {n_validation} held-out validation slices "
+                             f"italy: {len(train)} labeled training slices"
+                             + (f" and {len(italy_unlabeled)} of its training slices unlabeled (their masks unused)"
+                                if italy_unlabeled else "")
+                             + f", {n_validation} held-out validation slices "
                              f"(fixed seeded split, fold {fold} of {folds}, never trained on); coronacases and "
                              "radiopaedia: unlabeled. "
                              "Federated methods: labeled_weight 20 (fssl_no_upweight: 1).")
@@ -618,7 +630,8 @@ def main_experiment(study_name: str, out: str, quick: bool = False, device: str 
     if study_name == "synthetic3d":
         study = study_synthetic3d(out_dir, quick, mosmed=data, labels_per_site=_labels_per_site(labels_per_site))
     else:
-        study = study_real2d(out_dir, quick, root=Path(data) if data else None, fold=fold or 0)
+        study = study_real2d(out_dir, quick, root=Path(data) if data else None, fold=fold or 0,
+                             labels_per_site=_labels_per_site(labels_per_site))
     if seeds:
         study.seeds = seeds
     if epochs:

@@ -57,6 +57,7 @@ class PerturbParams:
     scale: torch.Tensor  # (B,) intensity scale
     shift: torch.Tensor  # (B,) intensity shift
     noise_std: float
+    gamma: torch.Tensor | None = None  # (B,) contrast exponent, or None when ``gamma`` is off
 
 
 class Perturbation:
@@ -64,7 +65,8 @@ class Perturbation:
 
     ``cfg`` keys: ``noise_std``, ``intensity_scale``, ``intensity_shift`` (uniform ranges around 1 and 0),
     ``flip_prob`` (per spatial axis), ``rotate_deg`` (in the plane of the first two spatial axes, i.e. the axial
-    plane of RAS CT), ``scale`` (isotropic zoom range around 1).
+    plane of RAS CT), ``scale`` (isotropic zoom range around 1), ``gamma`` (contrast: each image becomes
+    ``x ** exp(u)``, u uniform in [-gamma, gamma], before the scale and shift; images are in [0, 1] there).
     """
 
     def __init__(self, cfg: Mapping, generator: torch.Generator | None = None):
@@ -83,6 +85,9 @@ class Perturbation:
         c = self.cfg
         scale = 1.0 + self._uniform(batch_size, c.get("intensity_scale", 0.0))
         shift = self._uniform(batch_size, c.get("intensity_shift", 0.0))
+        gamma = None
+        if c.get("gamma", 0.0) > 0:  # drawn only when on, so the other draws keep their stream
+            gamma = torch.exp(self._uniform(batch_size, c["gamma"]))
         theta = None
         if self.has_geometry:
             d = spatial_dims
@@ -97,10 +102,13 @@ class Perturbation:
             flips = torch.where(torch.rand(batch_size, d, generator=self.generator) < c.get("flip_prob", 0.0), -1.0, 1.0)
             mats = rot @ torch.diag_embed(flips) * zoom[:, None, None]
             theta = torch.cat([mats, torch.zeros(batch_size, d, 1)], dim=2)
-        return PerturbParams(theta=theta, scale=scale, shift=shift, noise_std=float(c.get("noise_std", 0.0)))
+        return PerturbParams(theta=theta, scale=scale, shift=shift, noise_std=float(c.get("noise_std", 0.0)),
+                             gamma=gamma)
 
     def intensity(self, x: torch.Tensor, p: PerturbParams) -> torch.Tensor:
         shape = (-1,) + (1,) * (x.dim() - 1)
+        if p.gamma is not None:
+            x = x.clamp(min=0.0) ** p.gamma.to(x.device, x.dtype).view(shape)
         out = x * p.scale.to(x.device).view(shape) + p.shift.to(x.device).view(shape)
         if p.noise_std > 0:
             noise = torch.randn(x.shape, generator=self.generator).to(x.device)
