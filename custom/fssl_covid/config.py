@@ -319,7 +319,7 @@ def _check(cfg: dict) -> None:
     if not float(train["lesion_ce_weight"]) > 0.0:
         raise ConfigError(f"train.lesion_ce_weight must be positive, got {train['lesion_ce_weight']}")
     for name, view in (("ssl.weak", ssl["weak"]), ("ssl.strong", ssl["strong"]), ("train.augment", train["augment"])):
-        if not float(view.get("gamma", 0.0)) >= 0.0:
+        if not float(view["gamma"]) >= 0.0:
             raise ConfigError(f"{name}.gamma must be 0 (off) or more, got {view['gamma']}")
     if not isinstance(train["dice_batch"], bool):
         raise ConfigError(f"train.dice_batch must be true or false, got {train['dice_batch']!r}")

@@ -108,7 +108,7 @@ class SegmentationTrainer:
         self.optimizer = self._make_optimizer()
         # loss scaling only for float16 (bfloat16 has float32's exponent range)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
-        self.sup_loss = supervised_loss(float(tcfg["lesion_ce_weight"]), bool(tcfg["dice_batch"])).to(self.device)
+        self.sup_loss = supervised_loss(float(tcfg["lesion_ce_weight"]), tcfg["dice_batch"]).to(self.device)
         self.generator = torch.Generator().manual_seed(self.seed)
         self.augment = Perturbation(tcfg["augment"], self.generator)
         self.consistency = ConsistencyObjective(self.cfg["ssl"], self.generator)
@@ -433,13 +433,13 @@ def load_checkpoint(path: str | Path, config: Mapping | None = None) -> tuple[di
 
 
 def supervised_loss(lesion_ce_weight: float = 1.0, dice_batch: bool = True) -> DiceCELoss:
-    """Dice (lesion class, over the batch, or per image averaged when not ``dice_batch``) + cross-entropy with the lesion class weighted ``lesion_ce_weight``.
+    """Dice (lesion class, over the batch; per image, averaged, when not ``dice_batch``) + cross-entropy with the
+    lesion class weighted ``lesion_ce_weight``.
 
     MONAI's DiceCELoss passes its class ``weight`` to the Dice term too, which ignores it here (one class left
     without the background): only the cross-entropy's class balance changes (tests/test_trainer.py checks)."""
     weight = torch.tensor([1.0, lesion_ce_weight]) if lesion_ce_weight != 1.0 else None
-    return DiceCELoss(to_onehot_y=True, softmax=True, include_background=False, batch=dice_batch,
-                      weight=weight)
+    return DiceCELoss(to_onehot_y=True, softmax=True, include_background=False, batch=dice_batch, weight=weight)
 
 
 def _frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
