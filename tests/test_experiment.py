@@ -20,7 +20,7 @@ from conftest import COVID_SEMISEG, write_slice_site
 from fssl_covid.cli import main as fssl
 from fssl_covid.data import load_datalist
 from fssl_covid.config import ConfigError
-from fssl_covid.experiment import check_settings, evaluate_model, study_real2d
+from fssl_covid.experiment import STUDY_SITES, check_settings, evaluate_model, study_real2d
 from fssl_covid.inference import dice_at, threshold_averaged_dice
 from fssl_covid.networks import build_network
 from fssl_covid.trainer import SegmentationTrainer, save_checkpoint
@@ -161,6 +161,36 @@ def test_real2d_labels_per_site_keeps_n_masks_and_moves_italys_other_slices_to_i
                  "--out", str(out)]) == 2
     assert "--labels-per-site 41: italy has 40 training slices" in capsys.readouterr().err
     assert not (out / "results.json").exists()
+
+
+def test_sites_runs_a_study_on_a_subset_of_its_sites_federated_ones_included(tmp_path, capsys):
+    """--sites: the study's own sites (and which train on masks) are what STUDY_SITES says; a subset runs through
+    FLARE with those sites only (the other sites' data appear nowhere in the run) and says so in its tables; an
+    unknown or repeated site, or a subset without a site that has masks, is refused before anything is written."""
+    from fssl_covid.experiment import study_synthetic3d
+
+    data = _semiseg_like(tmp_path / "semiseg")
+    for name, study in (("real2d", study_real2d(tmp_path / "b", quick=True, root=data)),
+                        ("synthetic3d", study_synthetic3d(tmp_path / "a", quick=True))):
+        assert {s: bool(d["training"]) for s, d in study.sites.items()} == STUDY_SITES[name]
+    out = tmp_path / "two"
+    assert fssl(["experiment", "real2d", "--quick", "--data", str(data), "--sites", "italy", "coronacases",
+                 "--methods", "local", "fssl", "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert "sites italy, coronacases only" in results["description"]
+    assert "sites italy, coronacases only" in (out / "results.md").read_text()
+    assert sorted(p.name for p in (out / "seed0" / "fssl" / "site_configs").iterdir()) == ["coronacases", "italy"]
+    log = (out / "seed0" / "fssl" / "simulator.log").read_text()
+    assert "site coronacases ready on" in log and "site italy ready on" in log and "radiopaedia" not in log
+    assert set(results["methods"]["fssl"]["0"]["final"]) == {"italy"}
+    for argv, message in ((["real2d", "--sites", "italy", "rome"], "real2d's sites are italy, coronacases, radiopaedia"),
+                          (["real2d", "--sites", "italy", "italy"], "each once"),
+                          (["real2d", "--sites", "coronacases", "radiopaedia"], "no site with masks (italy must be"),
+                          (["synthetic3d", "--sites", "japan"], "no site with masks (china or italy must be")):
+        refused = tmp_path / "refused"
+        assert fssl(["experiment", *argv, "--quick", "--data", str(data), "--out", str(refused)]) == 2
+        assert message in capsys.readouterr().err
+        assert not refused.exists()
 
 
 def test_study_scores_are_what_fssl_predict_gives_on_each_slices_own_grid(tmp_path, tiny_2d):

@@ -204,7 +204,7 @@ def cmd_experiment(args) -> int:
     main_experiment(args.study, args.out, quick=args.quick, device=args.device, methods=args.methods,
                     seeds=args.seeds, data=args.data, epochs=args.epochs, settings=settings,
                     labeled_weight=args.labeled_weight, labels_per_site=args.labels_per_site, poc=args.poc,
-                    jobs=args.jobs, fold=args.fold)
+                    jobs=args.jobs, fold=args.fold, sites=args.sites)
     return 0
 
 
@@ -371,6 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels-per-site", default=None, metavar="N|all",
                    help="masks kept per labeled site, the other training scans train unlabeled (default all; "
                         "synthetic3d: china 6, italy 4; real2d: italy 40 of 50, the rest its validation fold)")
+    p.add_argument("--sites", nargs="+", default=None, metavar="SITE",
+                   help="run the study on these of its sites only (default all; synthetic3d: china italy japan, "
+                        "real2d: italy coronacases radiopaedia); one site with masks must be among them")
     p.add_argument("--data", default=None, help="real2d: the covid_semiseg folder; synthetic3d: MosMed masks folder")
     p.add_argument("--fold", type=int, default=None, metavar="K",
                    help="real2d: which fold of italy's labeled slices is the validation split (default 0, the "

@@ -104,6 +104,9 @@ def set_epochs(cfg: dict, epochs: int) -> None:
 
 
 STUDY_PRESETS = {"synthetic3d": "synthetic3d", "real2d": "covid2d"}  # study -> its configuration in presets/
+# study -> its sites, each with whether it trains on masks (--sites chooses a subset; one labeled site must stay)
+STUDY_SITES = {"synthetic3d": {"china": True, "italy": True, "japan": False},
+               "real2d": {"italy": True, "coronacases": False, "radiopaedia": False}}
 
 
 def _preset(name: str) -> dict:
@@ -608,6 +611,27 @@ def _labels_per_site(value: str | int | None) -> int | None:
     return int(value)
 
 
+def check_sites(study_name: str, sites: list[str] | None) -> None:
+    """Refuse a ``--sites`` subset with an unknown or repeated site, or with no site that trains on masks."""
+    if sites is None:
+        return
+    known = STUDY_SITES[study_name]
+    unknown = [s for s in sites if s not in known]
+    if unknown or len(set(sites)) != len(sites):
+        raise ValueError(f"--sites {' '.join(sites)}: {study_name}'s sites are {', '.join(known)}, each once")
+    if not any(known[s] for s in sites):
+        raise ValueError(f"--sites {' '.join(sites)}: no site with masks "
+                         f"({' or '.join(s for s, labeled in known.items() if labeled)} must be one)")
+
+
+def select_sites(study: Study, sites: list[str] | None) -> None:
+    """Keep ``sites`` of the study (in the study's order), and say so in its description."""
+    if sites is None or set(sites) == set(study.sites):
+        return
+    study.sites = {s: d for s, d in study.sites.items() if s in sites}
+    study.description += f" This run: sites {', '.join(study.sites)} only (--sites)."
+
+
 def check_settings(study_name: str, settings: dict | None) -> None:
     """Refuse an unknown study, unknown keys and bad values of ``--set``, judged over the study's own preset (so a
     2D study takes 2D shapes), before anything is written."""
@@ -621,10 +645,12 @@ def main_experiment(study_name: str, out: str, quick: bool = False, device: str 
                     methods: list[str] | None = None, seeds: list[int] | None = None, data: str | None = None,
                     epochs: int | None = None, settings: dict | None = None,
                     labeled_weight: float | None = None, labels_per_site: str | None = None,
-                    poc: bool = False, jobs: int = 1, fold: int | None = None) -> dict:
+                    poc: bool = False, jobs: int = 1, fold: int | None = None,
+                    sites: list[str] | None = None) -> dict:
     out_dir = Path(out).resolve()
     check_jobs(jobs, poc)  # before any data is written
     check_settings(study_name, settings)  # before any data is written
+    check_sites(study_name, sites)
     if fold is not None and study_name != "real2d":
         raise ValueError(f"--fold is for real2d (italy's validation folds); {study_name} has its own test scans")
     if study_name == "synthetic3d":
@@ -632,6 +658,7 @@ def main_experiment(study_name: str, out: str, quick: bool = False, device: str 
     else:
         study = study_real2d(out_dir, quick, root=Path(data) if data else None, fold=fold or 0,
                              labels_per_site=_labels_per_site(labels_per_site))
+    select_sites(study, sites)
     if seeds:
         study.seeds = seeds
     if epochs:
