@@ -401,3 +401,38 @@ def test_a_cells_worker_and_its_simulator_end_when_the_runner_is_killed(tmp_path
                 psutil.Process(pid).kill()
             except psutil.Error:
                 pass
+
+
+def test_a_runner_stopped_with_sigterm_ends_the_simulator_of_the_cell_it_runs_itself(tmp_path):
+    """--jobs 1 (the cell in the runner's own process): `kill` / `timeout` (SIGTERM) on the runner ends its FLARE
+    simulator and the simulator's site processes too, then the runner dies of the signal as before (before: the
+    simulator trained on as an orphan)."""
+    data = _semiseg_like(tmp_path / "semiseg")
+    out = tmp_path / "study"
+    runner = subprocess.Popen([sys.executable, "-m", "fssl_covid.cli", "experiment", "real2d", "--quick", "--data",
+                               str(data), "--methods", "fssl", "--epochs", "40", "--out", str(out)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    started: list[psutil.Process] = []
+    try:
+        for _ in range(1200):  # imports and the study's data first: allow two minutes on a slow machine
+            started = psutil.Process(runner.pid).children(recursive=True)
+            if any(p.info["cmdline"] and "simulator_worker" in " ".join(p.info["cmdline"])
+                   for p in psutil.process_iter(["pid", "cmdline"]) if p.pid in {c.pid for c in started}):
+                break
+            assert runner.poll() is None, "the runner ended before its simulator's sites started"
+            time.sleep(0.1)
+        else:
+            pytest.fail("no simulator site process started under the runner")
+        started = psutil.Process(runner.pid).children(recursive=True)
+        assert len(started) >= 3  # the simulator, its server side and a site process at least
+        runner.send_signal(signal.SIGTERM)
+        assert runner.wait(timeout=60) == -signal.SIGTERM
+        gone, alive = psutil.wait_procs(started, timeout=30)
+        assert not alive, f"outlived the runner: {[' '.join(p.cmdline()[:4]) for p in alive]}"
+    finally:
+        runner.kill()
+        for p in started:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass

@@ -31,9 +31,11 @@ import json
 import os
 import random
 import shutil
+import signal
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -483,15 +485,45 @@ def _stop_with_runner(runner_pid: int, poll_seconds: float = 2.0) -> None:
     def watch() -> None:
         while os.getppid() == runner_pid:
             time.sleep(poll_seconds)
-        me = psutil.Process()
-        for child in me.children(recursive=True):
-            try:
-                child.kill()
-            except psutil.Error:
-                pass
+        _kill_descendants()
         os._exit(1)
 
     threading.Thread(target=watch, name="stop-with-runner", daemon=True).start()
+
+
+def _kill_descendants() -> None:
+    """Kill every process this one started, and theirs (cell workers, FLARE simulators and their site workers)."""
+    for child in psutil.Process().children(recursive=True):
+        try:
+            child.kill()
+        except psutil.Error:
+            pass
+
+
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
+@contextmanager
+def _stopped_with_descendants():
+    """While a study runs: a runner stopped with SIGTERM or SIGHUP (``kill``, ``timeout``, a closed terminal) first
+    ends the processes it started, then dies of the signal as before.  Without it, a cell run in the runner's own
+    process (``--jobs 1``) left its FLARE simulator training on as an orphan (seen 2026-11-28).  Ctrl-C reaches the
+    whole process group and needs none of this; SIGKILL cannot be caught (``--jobs N``: ``_stop_with_runner``)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, _frame) -> None:
+        _kill_descendants()
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+    previous = {s: signal.signal(s, stop) for s in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -673,7 +705,8 @@ def main_experiment(study_name: str, out: str, quick: bool = False, device: str 
     if unknown:
         raise ValueError(f"unknown methods {unknown} (known: {', '.join(known)})")
     t0 = time.time()
-    results = run_study(study, out_dir, device=device, methods=methods, poc=poc, jobs=jobs)
+    with _stopped_with_descendants():
+        results = run_study(study, out_dir, device=device, methods=methods, poc=poc, jobs=jobs)
     results["seconds_total"] = round(time.time() - t0, 1)
     (out_dir / "results.json").write_text(json.dumps(results, indent=1))
     print((out_dir / "results.md").read_text())
