@@ -436,3 +436,22 @@ def test_a_runner_stopped_with_sigterm_ends_the_simulator_of_the_cell_it_runs_it
                 p.kill()
             except psutil.Error:
                 pass
+
+
+NOHUP = """
+import os, signal
+signal.signal(signal.SIGHUP, signal.SIG_IGN)  # what nohup does
+from fssl_covid.experiment import _stopped_with_descendants
+with _stopped_with_descendants():
+    assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    assert callable(signal.getsignal(signal.SIGTERM))
+    os.kill(os.getpid(), signal.SIGHUP)
+print("survived")
+"""
+
+
+def test_a_runner_started_with_nohup_still_ignores_sighup():
+    """The runner's stop handler takes over SIGTERM and SIGHUP, but not a signal ignored when it started: a study
+    run with `nohup` goes on when its terminal closes."""
+    proc = subprocess.run([sys.executable, "-c", NOHUP], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "survived" in proc.stdout, proc.stderr
