@@ -175,7 +175,7 @@ def test_sites_runs_a_study_on_a_subset_of_its_sites_federated_ones_included(tmp
         assert {s: bool(d["training"]) for s, d in study.sites.items()} == STUDY_SITES[name]
     out = tmp_path / "two"
     assert fssl(["experiment", "real2d", "--quick", "--data", str(data), "--sites", "italy", "coronacases",
-                 "--methods", "local", "fssl", "--out", str(out)]) == 0
+                 "--methods", "fssl", "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
     assert "sites italy, coronacases only" in results["description"]
     assert "sites italy, coronacases only" in (out / "results.md").read_text()
@@ -183,7 +183,8 @@ def test_sites_runs_a_study_on_a_subset_of_its_sites_federated_ones_included(tmp
     log = (out / "seed0" / "fssl" / "simulator.log").read_text()
     assert "site coronacases ready on" in log and "site italy ready on" in log and "radiopaedia" not in log
     assert set(results["methods"]["fssl"]["0"]["final"]) == {"italy"}
-    for argv, message in ((["real2d", "--sites", "italy", "rome"], "real2d's sites are italy, coronacases, radiopaedia"),
+    for argv, message in ((["real2d", "--sites", "italy", "rome"],
+                           "real2d's sites are italy, coronacases, radiopaedia"),
                           (["real2d", "--sites", "italy", "italy"], "each once"),
                           (["real2d", "--sites", "coronacases", "radiopaedia"], "no site with masks (italy must be"),
                           (["synthetic3d", "--sites", "japan"], "no site with masks (china or italy must be")):

@@ -508,7 +508,8 @@ def _stopped_with_descendants():
     """While a study runs: a runner stopped with SIGTERM or SIGHUP (``kill``, ``timeout``, a closed terminal) first
     ends the processes it started, then dies of the signal as before.  Without it, a cell run in the runner's own
     process (``--jobs 1``) left its FLARE simulator training on as an orphan (seen 2026-11-28).  A signal ignored at
-    the start (``nohup``: SIGHUP) stays ignored.  Ctrl-C reaches the whole process group and needs none of this; SIGKILL cannot be caught (``--jobs N``: ``_stop_with_runner``)."""
+    the start (``nohup``: SIGHUP) stays ignored.  Ctrl-C reaches the whole process group and needs none of this;
+    SIGKILL cannot be caught (``--jobs N``: ``_stop_with_runner``)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
