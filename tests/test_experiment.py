@@ -404,15 +404,16 @@ def test_a_cells_worker_and_its_simulator_end_when_the_runner_is_killed(tmp_path
                 pass
 
 
-def test_a_runner_stopped_with_sigterm_ends_the_simulator_of_the_cell_it_runs_itself(tmp_path):
-    """--jobs 1 (the cell in the runner's own process): `kill` / `timeout` (SIGTERM) on the runner ends its FLARE
-    simulator and the simulator's site processes too, then the runner dies of the signal as before (before: the
-    simulator trained on as an orphan)."""
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_a_runner_stopped_with_sigterm_ends_the_simulator_of_the_cell_it_runs(tmp_path, jobs):
+    """`kill` / `timeout` (SIGTERM) on the runner ends its FLARE simulator and the simulator's site processes too,
+    then the runner dies of the signal as before: --jobs 1 (the cell in the runner's own process; before: the
+    simulator trained on as an orphan) and --jobs 2 (the cell in a worker process, which goes too)."""
     data = _semiseg_like(tmp_path / "semiseg")
     out = tmp_path / "study"
     runner = subprocess.Popen([sys.executable, "-m", "fssl_covid.cli", "experiment", "real2d", "--quick", "--data",
-                               str(data), "--methods", "fssl", "--epochs", "40", "--out", str(out)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                               str(data), "--methods", "fssl", "--epochs", "40", "--jobs", str(jobs),
+                               "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     started: list[psutil.Process] = []
     try:
         for _ in range(1200):  # imports and the study's data first: allow two minutes on a slow machine
@@ -456,3 +457,47 @@ def test_a_runner_started_with_nohup_still_ignores_sighup():
     run with `nohup` goes on when its terminal closes."""
     proc = subprocess.run([sys.executable, "-c", NOHUP], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "survived" in proc.stdout, proc.stderr
+
+
+CLEANUP = """
+import subprocess, sys, time
+from pathlib import Path
+from fssl_covid.experiment import _stopped_with_descendants
+marker = Path(sys.argv[1])
+with _stopped_with_descendants():
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    # like `nvflare poc start`: a server the runner started, but not its descendant (its own session, no parent)
+    detached = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True)
+    try:
+        print(child.pid, detached.pid, flush=True)
+        time.sleep(600)
+    finally:  # what `_run_in_poc` does on the way out: `poc stop` ends the detached server
+        detached.kill()
+        marker.write_text("cleaned")
+"""
+
+
+def test_a_runner_stopped_with_sigterm_runs_its_cleanups_before_it_dies(tmp_path):
+    """--poc: SIGTERM on the runner must still run the cell's `finally` (`poc stop`, `poc clean`), which ends the POC
+    server and clients that `nvflare poc start` detached from the runner (before: the handler killed the runner's
+    descendants and died at once, and 12 POC processes trained on, checked with a real `fssl experiment --poc`)."""
+    marker = tmp_path / "marker"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "custom")}
+    runner = subprocess.Popen([sys.executable, "-c", CLEANUP, str(marker)], stdout=subprocess.PIPE, text=True,
+                              env=env)
+    pids: list[int] = []
+    try:
+        pids = [int(p) for p in runner.stdout.readline().split()]
+        assert len(pids) == 2, "the runner did not start its two processes"
+        runner.send_signal(signal.SIGTERM)
+        assert runner.wait(timeout=60) == -signal.SIGTERM  # it still dies of the signal
+        assert marker.read_text() == "cleaned"
+        gone, alive = psutil.wait_procs([psutil.Process(p) for p in pids if psutil.pid_exists(p)], timeout=30)
+        assert not alive, f"outlived the runner: {[p.pid for p in alive]}"
+    finally:
+        runner.kill()
+        for pid in pids:
+            try:
+                psutil.Process(pid).kill()
+            except psutil.Error:
+                pass

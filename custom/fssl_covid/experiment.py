@@ -503,26 +503,42 @@ def _kill_descendants() -> None:
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
+class _Stopped(BaseException):
+    """Raised in the runner by SIGTERM / SIGHUP, so that the cleanups on the way out run (a cell's ``finally``:
+    ``poc stop`` and ``poc clean``); a BaseException, so that no ``except Exception`` takes it for a failed cell."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"stopped by signal {signum}")
+        self.signum = signum
+
+
 @contextmanager
 def _stopped_with_descendants():
-    """While a study runs: a runner stopped with SIGTERM or SIGHUP (``kill``, ``timeout``, a closed terminal) first
-    ends the processes it started, then dies of the signal as before.  Without it, a cell run in the runner's own
-    process (``--jobs 1``) left its FLARE simulator training on as an orphan (seen 2026-11-28).  A signal ignored at
-    the start (``nohup``: SIGHUP) stays ignored.  Ctrl-C reaches the whole process group and needs none of this;
-    SIGKILL cannot be caught (``--jobs N``: ``_stop_with_runner``)."""
+    """While a study runs: a runner stopped with SIGTERM or SIGHUP (``kill``, ``timeout``, a closed terminal) ends the
+    processes it started, runs the cleanups of the cell it was in (``--poc``: ``poc stop`` / ``poc clean`` end the
+    POC server and clients, which ``nvflare poc start`` detached from the runner), then dies of the signal as before.
+    Without it, a cell run in the runner's own process (``--jobs 1``) left its FLARE simulator (seen 2026-11-28) or
+    its POC processes (12, checked 2026-11-28) training on as orphans.  A second signal during the cleanups stops at
+    once.  A signal ignored at the start (``nohup``: SIGHUP) stays ignored.  Ctrl-C reaches the whole process group
+    and needs none of this; SIGKILL cannot be caught (``--jobs N``: ``_stop_with_runner``)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def stop(signum, _frame) -> None:
         _kill_descendants()
-        signal.signal(signum, signal.SIG_DFL)
-        os.kill(os.getpid(), signum)
+        for s in previous:  # a second signal while the cleanups run: the default, at once
+            signal.signal(s, signal.SIG_DFL)
+        raise _Stopped(signum)
 
     # a signal ignored when the runner started stays ignored (`nohup fssl experiment …` must survive SIGHUP)
     previous = {s: signal.signal(s, stop) for s in STOP_SIGNALS if signal.getsignal(s) is not signal.SIG_IGN}
     try:
         yield
+    except _Stopped as stopped:
+        signal.signal(stopped.signum, signal.SIG_DFL)
+        os.kill(os.getpid(), stopped.signum)
+        raise  # not reached: the default action of SIGTERM / SIGHUP ends the process
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
