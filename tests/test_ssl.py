@@ -6,7 +6,7 @@ import torch
 
 from fssl_covid.config import ConfigError, resolve_config
 from fssl_covid.networks import build_network
-from fssl_covid.ssl import (ConsistencyObjective, Perturbation, masked_consistency_loss, pseudo_labels,
+from fssl_covid.ssl import (ConsistencyObjective, Perturbation, cutmix, masked_consistency_loss, pseudo_labels,
                             sigmoid_rampup, teacher_probabilities, unsup_weight)
 
 import pytest
@@ -167,6 +167,23 @@ def test_cutmix_moves_the_same_box_in_the_image_and_in_the_pseudo_labels():
     assert torch.isfinite(loss)
     with pytest.raises(ConfigError, match="cutmix_prob"):
         resolve_config({"ssl": {"cutmix_prob": 1.5}})
+
+
+def test_supervised_cutmix_moves_the_mask_with_the_image_and_is_off_at_zero():
+    x = torch.arange(4, dtype=torch.float32).view(4, 1, 1, 1).expand(4, 1, 16, 16).clone()  # sample i is all i
+    y = (torch.arange(4) % 2).view(4, 1, 1, 1).expand(4, 1, 16, 16).clone()  # integer masks: odd samples lesion
+    mixed_x, mixed_y = cutmix(x, y, 1.0, torch.Generator().manual_seed(1))
+    assert mixed_y.dtype == y.dtype
+    for i in range(4):
+        from_next = mixed_x[i, 0] == (i + 1) % 4
+        assert from_next.any() and not from_next.all()
+        assert torch.equal(mixed_y[i, 0], torch.where(from_next, ((i + 1) % 4) % 2, i % 2))
+    same_x, same_y = cutmix(x, y, 0.0, torch.Generator().manual_seed(1))
+    assert torch.equal(same_x, x) and torch.equal(same_y, y)
+    one_x, _ = cutmix(x[:1], y[:1], 1.0, torch.Generator().manual_seed(1))  # nothing to mix a single sample with
+    assert torch.equal(one_x, x[:1])
+    with pytest.raises(ConfigError, match="train.cutmix_prob"):
+        resolve_config({"train": {"cutmix_prob": -0.1}})
 
 
 def test_lesion_weight_weighs_the_teachers_lesion_voxels_in_every_unsupervised_loss():

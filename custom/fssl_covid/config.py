@@ -152,6 +152,9 @@ DEFAULTS: dict[str, Any] = {
         # grew — none 0.759, 5 deg / 5 % 0.748, 10 deg / 10 % 0.747, 30 deg / 25 % 0.717 (docs/experiments.md).
         "augment": {"noise_std": 0.02, "intensity_scale": 0.1, "intensity_shift": 0.05,
                     "flip_prob": 0.5, "rotate_deg": 10.0, "scale": 0.1, "gamma": 0.0},
+        # Probability that a labeled sample gets a box cut from the next sample of its batch, image and mask alike
+        # (supervised CutMix, after the augmentation above); 0 disables it.
+        "cutmix_prob": 0.0,
         # Weight of the lesion class in the supervised cross-entropy (background 1; the Dice term keeps its scale).
         # Plain CE lets the abundant background pull uncertain lesion pixels below 0.5: models under-segment.
         "lesion_ce_weight": 1.0,
@@ -296,8 +299,9 @@ def _check(cfg: dict) -> None:
         raise ConfigError(f"ssl.unsup_loss must be 'ce', 'dice_ce' or 'mse', got '{ssl['unsup_loss']}'")
     if not 0.0 <= ssl["unlabeled_only_lr_scale"] <= 1.0:
         raise ConfigError(f"ssl.unlabeled_only_lr_scale must be in [0, 1], got {ssl['unlabeled_only_lr_scale']}")
-    if not 0.0 <= ssl["cutmix_prob"] <= 1.0:
-        raise ConfigError(f"ssl.cutmix_prob must be in [0, 1], got {ssl['cutmix_prob']}")
+    for name, value in (("ssl.cutmix_prob", ssl["cutmix_prob"]), ("train.cutmix_prob", train["cutmix_prob"])):
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(f"{name} must be in [0, 1], got {value}")
     if not 0.0 <= ssl["confidence_threshold"] < 1.0:
         raise ConfigError(f"ssl.confidence_threshold must be in [0, 1), got {ssl['confidence_threshold']}")
     if train["optimizer"] not in ("adamw", "sgd"):

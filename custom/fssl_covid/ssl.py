@@ -215,6 +215,35 @@ def teacher_probabilities(teacher: torch.nn.Module, x: torch.Tensor, flips: bool
     return total / len(views)
 
 
+def cutmix_boxes(batch: int, spatial: tuple[int, ...], prob: float,
+                 generator: torch.Generator | None) -> torch.Tensor:
+    """(batch, 1, *spatial) boolean boxes: with probability ``prob`` a sample gets one random box covering a fifth
+    to three fifths of the image, else none."""
+    box = torch.zeros((batch, 1, *spatial), dtype=torch.bool)
+    for i in range(batch):
+        if float(torch.rand((), generator=generator)) >= prob:
+            continue
+        side = float(0.2 + 0.4 * torch.rand((), generator=generator)) ** (1.0 / len(spatial))
+        region = [slice(None)]  # the channel axis of box[i]
+        for n in spatial:
+            length = max(1, round(side * n))
+            start = int(torch.randint(0, n - length + 1, (), generator=generator))
+            region.append(slice(start, start + length))
+        box[i][tuple(region)] = True
+    return box
+
+
+def cutmix(x: torch.Tensor, target: torch.Tensor, prob: float,
+           generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """CutMix of a batch with itself: each sample's box (see :func:`cutmix_boxes`) is taken from the next sample,
+    in the image ``x`` and its ``target`` (labels or probabilities, same spatial shape) alike."""
+    if prob <= 0 or x.shape[0] < 2:
+        return x, target
+    box = cutmix_boxes(x.shape[0], tuple(x.shape[2:]), prob, generator).to(x.device)
+    other = torch.roll(torch.arange(x.shape[0], device=x.device), -1)
+    return torch.where(box, x[other], x), torch.where(box, target[other], target)
+
+
 class ConsistencyObjective:
     """Computes the unsupervised loss of a student against a teacher on one unlabeled batch."""
 
@@ -225,25 +254,9 @@ class ConsistencyObjective:
 
     def cutmix(self, xs: torch.Tensor, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """CutMix between unlabeled samples (French et al., BMVC 2020): with probability ``ssl.cutmix_prob`` a
-        sample's random box (a fifth to three fifths of the image) is replaced by the next sample's, in the
-        student's input and in the teacher's probabilities alike, so the student must segment a scene no
-        single image shows."""
-        b, spatial = xs.shape[0], xs.shape[2:]
-        g = self.strong.generator
-        box = torch.zeros((b, 1, *spatial), dtype=torch.bool)
-        for i in range(b):
-            if float(torch.rand((), generator=g)) >= self.cfg["cutmix_prob"]:
-                continue
-            side = float(0.2 + 0.4 * torch.rand((), generator=g)) ** (1.0 / len(spatial))
-            region = [slice(None)]  # the channel axis of box[i]
-            for n in spatial:
-                length = max(1, round(side * n))
-                start = int(torch.randint(0, n - length + 1, (), generator=g))
-                region.append(slice(start, start + length))
-            box[i][tuple(region)] = True
-        box = box.to(xs.device)
-        other = torch.roll(torch.arange(b, device=xs.device), -1)
-        return torch.where(box, xs[other], xs), torch.where(box, probs[other], probs)
+        sample's random box is replaced by the next sample's, in the student's input and in the teacher's
+        probabilities alike, so the student must segment a scene no single image shows."""
+        return cutmix(xs, probs, self.cfg["cutmix_prob"], self.strong.generator)
 
     def __call__(self, student: torch.nn.Module, teacher: torch.nn.Module, x: torch.Tensor,
                  autocast=None) -> tuple[torch.Tensor, dict]:
@@ -254,8 +267,7 @@ class ConsistencyObjective:
         p = self.strong.sample(x.shape[0], dims)
         xs = self.strong.geometry(self.strong.intensity(x, p), p)
         probs = self.strong.geometry(probs, p)
-        if self.cfg["cutmix_prob"] > 0 and x.shape[0] > 1:
-            xs, probs = self.cutmix(xs, probs)
+        xs, probs = self.cutmix(xs, probs)
         labels, mask = pseudo_labels(probs, self.cfg["confidence_threshold"], self.cfg["class_adaptive_threshold"])
         with autocast():
             logits = student(xs)

@@ -25,7 +25,7 @@ from .averaging import TailAverage, averaged_epochs
 from .config import job_training_config, resolve_config
 from .data import evaluation_dataset, evaluation_loader, infinite_batches, loader_workers, training_dataset
 from .networks import initial_network, weights_mismatch
-from .ssl import ConsistencyObjective, Perturbation, teacher_probabilities, unsup_weight
+from .ssl import ConsistencyObjective, Perturbation, cutmix, teacher_probabilities, unsup_weight
 from .validation import data_expectations, usable_cases
 
 log = logging.getLogger(__name__)
@@ -289,7 +289,7 @@ class SegmentationTrainer:
                 if self._labeled_batches is not None:
                     batch = next(self._labeled_batches)
                     x, y = _on(batch["image"], self.device), _on(batch["label"], self.device)
-                    x, y = self.augment(x, y)
+                    x, y = cutmix(*self.augment(x, y), t["cutmix_prob"], self.generator)
                     with self.autocast():
                         sup = self.sup_loss(self.model(x).float(), y)
                     loss = loss + sup
