@@ -97,7 +97,7 @@ def test_consistency_loss_goes_down_on_a_fixed_unlabeled_batch():
         for p in teacher.parameters():
             p.mul_(3.0)
     x = torch.rand(4, 1, 32, 32)
-    objective = ConsistencyObjective(cfg, torch.Generator().manual_seed(1))
+    objective = ConsistencyObjective(cfg, torch.Generator().manual_seed(1), class_balanced=True)
     opt = torch.optim.Adam(student.parameters(), lr=0.02)
     losses = []
     import contextlib
@@ -150,7 +150,7 @@ def test_flip_tta_teacher_averages_the_flipped_predictions():
 
 def test_cutmix_moves_the_same_box_in_the_image_and_in_the_pseudo_labels():
     cfg = resolve_config({"ssl": {"cutmix_prob": 1.0}})["ssl"]
-    objective = ConsistencyObjective(cfg, torch.Generator().manual_seed(0))
+    objective = ConsistencyObjective(cfg, torch.Generator().manual_seed(0), class_balanced=True)
     xs = torch.arange(3, dtype=torch.float32).view(3, 1, 1, 1).expand(3, 1, 20, 20).clone()  # sample i is all i
     probs = torch.stack([torch.full((2, 20, 20), float(i)) for i in range(3)])
     mixed_x, mixed_p = objective.cutmix(xs, probs)
@@ -160,7 +160,7 @@ def test_cutmix_moves_the_same_box_in_the_image_and_in_the_pseudo_labels():
         rows, cols = from_next.any(1).nonzero(), from_next.any(0).nonzero()
         assert from_next.sum() == len(rows) * len(cols)  # a box, not scattered voxels
         assert torch.equal(mixed_p[i, 1] == (i + 1) % 3, from_next)  # the teacher's map moved with it
-    off = ConsistencyObjective(resolve_config({"ssl": {"cutmix_prob": 0.0}})["ssl"])
+    off = ConsistencyObjective(resolve_config({"ssl": {"cutmix_prob": 0.0, "class_balanced": True}})["ssl"])
     x = torch.rand(3, 1, 20, 20)
     net = build_network("unet", 2, channels=(4, 8), strides=(2,), num_res_units=0)
     loss, _ = off(net, net, x, autocast=contextlib.nullcontext)

@@ -12,8 +12,10 @@ from PIL import Image
 
 from conftest import write_slice_site
 from fssl_covid.cli import main as fssl
+from fssl_covid.config import ConfigError, resolve_config
 from fssl_covid.data import load_datalist
 from fssl_covid.inference import predict_files, threshold_averaged_dice
+from fssl_covid.ssl import ConsistencyObjective
 from fssl_covid.trainer import SegmentationTrainer, load_checkpoint, save_checkpoint
 
 
@@ -25,6 +27,27 @@ def test_site_with_labels_only_is_plain_supervised(synthetic_sites, tiny_3d):
     assert res.n_labeled == 4 and res.n_unlabeled == 0
     assert res.unlabeled_samples_seen == 0 and res.labeled_samples_seen == 3 * 2 * 2
     assert res.losses["unsup_loss"] == 0.0 and res.metrics_before is not None and res.metrics_after is not None
+
+
+def test_pseudo_label_balancing_follows_the_sites_label_scarcity(synthetic_sites, tiny_3d):
+    """ssl.class_balanced "auto" (the default): on where a site's unlabeled cases are at least
+    ssl.class_balanced_min_ratio (3) times its labeled ones, or it has no labels; counted over usable cases."""
+    dl = load_datalist(synthetic_sites["china"])
+    assert 0 < len(dl["unlabeled"]) < 3 * len(dl["training"])  # the fixture's china: labels are not scarce
+    assert SegmentationTrainer(tiny_3d, dl).class_balanced is False
+    assert SegmentationTrainer(tiny_3d, {**dl, "training": dl["training"][:1]}).class_balanced is True
+    japan = load_datalist(synthetic_sites["japan"])
+    assert SegmentationTrainer(tiny_3d, japan).class_balanced is True  # no labels at all
+    tiny_3d["ssl"]["class_balanced_min_ratio"] = 0.5
+    assert SegmentationTrainer(tiny_3d, dl).class_balanced is True
+    tiny_3d["ssl"]["class_balanced"] = False  # an explicit setting wins
+    assert SegmentationTrainer(tiny_3d, japan).class_balanced is False
+    with pytest.raises(ValueError, match="case counts"):  # "auto" cannot be resolved without the site's data
+        ConsistencyObjective(resolve_config({})["ssl"])
+    with pytest.raises(ConfigError, match="class_balanced"):
+        resolve_config({"ssl": {"class_balanced": "yes"}})
+    with pytest.raises(ConfigError, match="class_balanced"):
+        resolve_config({"ssl": {"class_balanced": 1}})
 
 
 def test_site_without_labels_trains_on_the_unsupervised_term_only(synthetic_sites, tiny_3d):

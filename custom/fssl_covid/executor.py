@@ -100,7 +100,8 @@ class FSSLExecutor(Executor):
         self.log_info(fl_ctx, f"site {site} ready on {t.device}: {len(t.labeled_cases)} labeled, "
                               f"{len(t.unlabeled_cases)} unlabeled, {len(t.validation_cases)} validation, "
                               f"{len(self.eval_cases)} cross-site evaluation cases, {skipped} unusable cases "
-                              f"skipped (settings: {settings.source})")
+                              f"skipped; pseudo-label loss {'class-balanced' if t.class_balanced else 'unbalanced'} "
+                              f"(settings: {settings.source})")
 
     # ------------------------------------------------------------------ tasks
     def execute(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:

@@ -10,9 +10,10 @@ For an unlabeled batch ``x``:
    with ``ssl.cutmix_prob`` a box of the next sample is first pasted into the student's view and into the warped
    teacher probabilities alike (CutMix);
 4. the unsupervised loss is the masked cross-entropy (plus a masked soft Dice on the lesion class) between the
-   student's prediction and the pseudo-labels, or (``mse``) the squared difference of the student's and the
-   teacher's probabilities on the confident voxels; ``ssl.lesion_weight`` weighs the voxels (classes) the teacher
-   calls lesion, as ``train.lesion_ce_weight`` does in the supervised loss.
+   student's prediction and the pseudo-labels — averaged per pseudo-class where the site's labels are scarce
+   (``ssl.class_balanced``, :func:`class_balanced_at_site`) — or (``mse``) the squared difference of the
+   student's and the teacher's probabilities on the confident voxels; ``ssl.lesion_weight`` weighs the voxels
+   (classes) the teacher calls lesion, as ``train.lesion_ce_weight`` does in the supervised loss.
 
 Perturbations run batched on the training device (GPU when present), so geometry is applied identically to the
 image and to the teacher's output without a round trip through per-sample CPU transforms.
@@ -244,10 +245,32 @@ def cutmix(x: torch.Tensor, target: torch.Tensor, prob: float,
     return torch.where(box, x[other], x), torch.where(box, target[other], target)
 
 
-class ConsistencyObjective:
-    """Computes the unsupervised loss of a student against a teacher on one unlabeled batch."""
+def class_balanced_at_site(ssl_cfg: Mapping, n_labeled: int, n_unlabeled: int) -> bool:
+    """Whether a site with ``n_labeled`` labeled and ``n_unlabeled`` unlabeled training cases balances the
+    pseudo-label cross-entropy per class: ``ssl.class_balanced`` when true or false; with ``"auto"``, where its
+    unlabeled cases are at least ``ssl.class_balanced_min_ratio`` times its labeled ones (always without labels),
+    i.e. where labels are scarce — the balanced term is what carries lesion signal from the unlabeled scans, and it
+    helps there and costs Dice where labels suffice (``config.py`` has the measurements)."""
+    setting = ssl_cfg["class_balanced"]
+    if setting != "auto":
+        return bool(setting)
+    return n_labeled == 0 or n_unlabeled >= float(ssl_cfg["class_balanced_min_ratio"]) * n_labeled
 
-    def __init__(self, ssl_cfg: Mapping, generator: torch.Generator | None = None):
+
+class ConsistencyObjective:
+    """Computes the unsupervised loss of a student against a teacher on one unlabeled batch.
+
+    ``class_balanced``: the site's choice (:func:`class_balanced_at_site`); required where ``ssl.class_balanced``
+    is ``"auto"`` (it depends on the site's data) and the loss uses it (not ``"mse"``)."""
+
+    def __init__(self, ssl_cfg: Mapping, generator: torch.Generator | None = None,
+                 class_balanced: bool | None = None):
+        if class_balanced is None:
+            if ssl_cfg["class_balanced"] == "auto" and ssl_cfg["unsup_loss"] != "mse":
+                raise ValueError('ssl.class_balanced "auto" depends on the site\'s case counts: pass class_balanced '
+                                 "(class_balanced_at_site)")
+            class_balanced = ssl_cfg["class_balanced"] is True
+        self.class_balanced = class_balanced
         self.cfg = ssl_cfg
         self.weak = Perturbation(ssl_cfg["weak"], generator)
         self.strong = Perturbation(ssl_cfg["strong"], generator)
@@ -277,7 +300,7 @@ class ConsistencyObjective:
             loss = (diff * mask * lesion_weights(labels, self.cfg["lesion_weight"])).sum() / mask.numel()
         else:
             loss = masked_consistency_loss(logits, labels, mask, with_dice=self.cfg["unsup_loss"] == "dice_ce",
-                                           class_balanced=self.cfg["class_balanced"],
+                                           class_balanced=self.class_balanced,
                                            lesion_weight=self.cfg["lesion_weight"])
         stats = {"confident_fraction": float(mask.mean()),
                  "pseudo_lesion_fraction": float((labels > 0).float().mul(mask).sum() / mask.sum().clamp(min=1))}

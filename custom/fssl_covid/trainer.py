@@ -25,7 +25,8 @@ from .averaging import TailAverage, averaged_epochs
 from .config import job_training_config, resolve_config
 from .data import evaluation_dataset, evaluation_loader, infinite_batches, loader_workers, training_dataset
 from .networks import initial_network, weights_mismatch
-from .ssl import ConsistencyObjective, Perturbation, cutmix, teacher_probabilities, unsup_weight
+from .ssl import (ConsistencyObjective, Perturbation, class_balanced_at_site, cutmix, teacher_probabilities,
+                  unsup_weight)
 from .validation import data_expectations, usable_cases
 
 log = logging.getLogger(__name__)
@@ -111,7 +112,9 @@ class SegmentationTrainer:
         self.sup_loss = supervised_loss(float(tcfg["lesion_ce_weight"]), tcfg["dice_batch"]).to(self.device)
         self.generator = torch.Generator().manual_seed(self.seed)
         self.augment = Perturbation(tcfg["augment"], self.generator)
-        self.consistency = ConsistencyObjective(self.cfg["ssl"], self.generator)
+        self.class_balanced = class_balanced_at_site(self.cfg["ssl"], len(self.labeled_cases),
+                                                     len(self.unlabeled_cases))
+        self.consistency = ConsistencyObjective(self.cfg["ssl"], self.generator, self.class_balanced)
         self.ema_teacher: torch.nn.Module | None = None
         self._teacher_average: TailAverage | None = None  # ssl.teacher_average_last_epochs
         self._teacher_average_epoch = -1.0
