@@ -1,6 +1,7 @@
 """Both jobs in the real FLARE simulator (server + 3 sites, 2 rounds, tiny data and network)."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -53,9 +54,13 @@ def test_job_runs_in_the_simulator(simulated_job, request):
         # unlabeled-only learning-rate scale 0.1)
         assert "aggregation weight 0.4" in log
         assert any((run / "tb_events").rglob("events.out.tfevents.*"))
+        # ssl.class_balanced "auto": each site chose from its own counts (china 4 + 4, italy 2 + 4, japan 0 + 4)
+        for site, kind in (("china", "unbalanced"), ("italy", "unbalanced"), ("japan", "class-balanced")):
+            assert re.search(rf"site {site} ready on .*unlabeled loss: ce, {kind} \(", log), site
     else:
         # unlabeled data ignored: no unsupervised loss anywhere, and the unlabeled-only site contributes nothing
         assert "unsup 0.0000" in log and "aggregation weight 0" in log
+        assert "unlabeled loss: off (supervised)" in log
         assert not [line for line in log.splitlines() if "round " in line and "unsup 0." in line
                     and "unsup 0.0000" not in line]
 

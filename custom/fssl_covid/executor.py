@@ -27,6 +27,16 @@ from .trainer import SegmentationTrainer
 from .validation import data_expectations, usable_cases
 
 
+def unlabeled_loss_kind(trainer: SegmentationTrainer) -> str:
+    """What the site's unsupervised term is, for its log (ssl.class_balanced "auto" decides per site)."""
+    ssl = trainer.cfg["ssl"]
+    if not ssl["enabled"]:
+        return "off (supervised)"
+    if ssl["unsup_loss"] == "mse":
+        return "mse (soft pseudo-labels)"
+    return f"{ssl['unsup_loss']}, {'class-balanced' if trainer.class_balanced else 'unbalanced'}"
+
+
 class FSSLExecutor(Executor):
     """Federated semi-supervised segmentation at one site.
 
@@ -100,8 +110,7 @@ class FSSLExecutor(Executor):
         self.log_info(fl_ctx, f"site {site} ready on {t.device}: {len(t.labeled_cases)} labeled, "
                               f"{len(t.unlabeled_cases)} unlabeled, {len(t.validation_cases)} validation, "
                               f"{len(self.eval_cases)} cross-site evaluation cases, {skipped} unusable cases "
-                              f"skipped; pseudo-label loss {'class-balanced' if t.class_balanced else 'unbalanced'} "
-                              f"(settings: {settings.source})")
+                              f"skipped; unlabeled loss: {unlabeled_loss_kind(t)} (settings: {settings.source})")
 
     # ------------------------------------------------------------------ tasks
     def execute(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
