@@ -97,7 +97,8 @@ DEFAULTS: dict[str, Any] = {
         # italy +0.030 against supervised FedAvg with it, +0.009 without; 2 labels and 12 unlabeled scans pooled
         # (tests/test_learning.py's setting) +0.028 / +0.031 / +0.040 at the shifted sites with it, where
         # unbalanced with lesion_weight 10 gave +0.019 / -0.011 / +0.008; at Study A's own counts (china 6 + 6,
-        # italy 4 + 8) it cost -0.035 against FedAvg, where off cost -0.011.
+        # italy 4 + 8) it cost -0.035 against FedAvg, where off cost -0.011 and "auto" -0.006.  Ratio boundary,
+        # checked at 3 + 9 (balanced and unbalanced tie) and 4 + 8 (balanced -0.017, unbalanced -0.002).
         "class_balanced": "auto",
         "class_balanced_min_ratio": 3.0,
         # loss = supervised + lambda(t) * unsupervised; lambda is 0 during warm-up, then ramps up (sigmoid
