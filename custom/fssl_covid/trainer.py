@@ -112,9 +112,8 @@ class SegmentationTrainer:
         self.sup_loss = supervised_loss(float(tcfg["lesion_ce_weight"]), tcfg["dice_batch"]).to(self.device)
         self.generator = torch.Generator().manual_seed(self.seed)
         self.augment = Perturbation(tcfg["augment"], self.generator)
-        self.class_balanced = class_balanced_at_site(self.cfg["ssl"], len(self.labeled_cases),
-                                                     len(self.unlabeled_cases))
-        self.consistency = ConsistencyObjective(self.cfg["ssl"], self.generator, self.class_balanced)
+        self.consistency = ConsistencyObjective(self.cfg["ssl"], self.generator, class_balanced_at_site(
+            self.cfg["ssl"], len(self.labeled_cases), len(self.unlabeled_cases)))
         self.ema_teacher: torch.nn.Module | None = None
         self._teacher_average: TailAverage | None = None  # ssl.teacher_average_last_epochs
         self._teacher_average_epoch = -1.0
@@ -150,6 +149,12 @@ class SegmentationTrainer:
         if self.amp_dtype is not None:
             return torch.autocast("cuda", dtype=self.amp_dtype)
         return contextlib.nullcontext()
+
+    @property
+    def class_balanced(self) -> bool:
+        """Whether this site's pseudo-label loss is balanced per class (``ssl.class_balanced``, decided from its
+        usable case counts when "auto")."""
+        return self.consistency.class_balanced
 
     @property
     def step_scale(self) -> float:
