@@ -1,5 +1,6 @@
 """Local trainer: label-only and unlabeled-only sites, counts, checkpoints, predict on the input grid."""
 
+import functools
 import json
 import subprocess
 import sys
@@ -255,10 +256,21 @@ def test_loader_workers_give_the_same_kind_of_batches(synthetic_sites, tiny_3d):
     assert res.labeled_samples_seen == 3 * 2 * 2 and res.metrics_after is not None
 
 
+def _tta_mean(views: list[torch.Tensor], average: str) -> torch.Tensor:
+    """The views' class probabilities averaged as inference.tta_average says."""
+    if average == "logits":
+        return torch.softmax(torch.stack([v.log() for v in views]).mean(0), dim=1)
+    return torch.stack(views).mean(0)
+
+
+@pytest.mark.parametrize("average", ["logits", "probabilities"])
 @pytest.mark.parametrize("dims", [2, 3])
-def test_flip_tta_averages_the_probabilities_of_the_flipped_views(tiny_2d, tiny_3d, dims):
+def test_flip_tta_averages_the_flipped_views(tiny_2d, tiny_3d, dims, average):
+    """inference.flip_tta: the image and its flips along each axis; "logits" averages their logits (the softmax of
+    the mean log-probability), "probabilities" their probabilities."""
     cfg = tiny_2d if dims == 2 else tiny_3d
     cfg["train"]["amp"] = False  # the arithmetic of the average is under test, not mixed precision's rounding
+    cfg["inference"] = {"tta_average": average}
     tr = SegmentationTrainer(cfg, {})
     size = cfg["data"]["patch_size"]
     x = torch.rand(2, 1, *size, generator=torch.Generator().manual_seed(0))
@@ -266,10 +278,40 @@ def test_flip_tta_averages_the_probabilities_of_the_flipped_views(tiny_2d, tiny_
     views = [plain] + [torch.flip(torch.softmax(tr.predict_logits(torch.flip(x, (a,))), dim=1), (a,))
                        for a in range(2, 2 + dims)]
     tr.cfg["inference"]["flip_tta"] = True
-    tta = tr.predict_logits(x)
+    tta = torch.softmax(tr.predict_logits(x), dim=1)
     assert tta.shape == plain.shape
-    assert torch.allclose(torch.softmax(tta, dim=1), torch.stack(views).mean(0), atol=1e-5)
-    assert not torch.allclose(torch.softmax(tta, dim=1), plain, atol=1e-4)  # the views do differ
+    assert torch.allclose(tta, _tta_mean(views, average), atol=1e-5)
+    other = _tta_mean(views, "probabilities" if average == "logits" else "logits")
+    assert not torch.allclose(tta, other, atol=1e-4)  # the two averages differ, and the setting picks one
+    assert not torch.allclose(tta, plain, atol=1e-4)  # the views do differ
+
+
+@pytest.mark.parametrize("average", ["logits", "probabilities"])
+@pytest.mark.parametrize("dims", [2, 3])
+def test_scale_tta_averages_the_resized_views(tiny_2d, tiny_3d, dims, average):
+    """inference.scale_tta: the image is also predicted resized by each factor — a whole 2D image to the nearest
+    multiple of the U-Net's total stride (4 here: 57.6 -> 56, 83.2 -> 84; 58 would break its skip connections), a
+    3D scan to the rounded size (sliding windows pad) — and each probability map, resized back, is averaged with
+    the input size's as inference.tta_average says."""
+    cfg = tiny_2d if dims == 2 else tiny_3d
+    cfg["train"]["amp"] = False
+    cfg["inference"] = {"scale_tta": [0.9, 1.3], "tta_average": average}
+    tr = SegmentationTrainer(cfg, {})
+    size = cfg["data"]["patch_size"]
+    x = torch.rand(2, 1, *size, generator=torch.Generator().manual_seed(0))
+    interp = functools.partial(torch.nn.functional.interpolate, mode="bilinear" if dims == 2 else "trilinear",
+                               align_corners=False)
+    plain = torch.softmax(tr._forward(x), dim=1)
+    sizes = {2: ([56, 56], [84, 84]), 3: ([29, 29, 14], [42, 42, 21])}[dims]
+    views = [plain] + [interp(torch.softmax(tr._forward(interp(x, size=s)), dim=1), size=size) for s in sizes]
+    tta = torch.softmax(tr.predict_logits(x), dim=1)
+    assert tta.shape == plain.shape
+    assert torch.allclose(tta, _tta_mean(views, average), atol=1e-5)
+    assert not torch.allclose(tta, plain, atol=1e-4)  # the views do differ
+    for key, bad in [("scale_tta", v) for v in ([0.0], [1.0], [-0.5], 0.9, ["0.9"])] + [("tta_average", "mean")]:
+        cfg["inference"] = {key: bad}
+        with pytest.raises(ConfigError, match=key):
+            SegmentationTrainer(cfg, {})
 
 
 def test_dice_batch_off_averages_each_images_dice(tiny_2d):

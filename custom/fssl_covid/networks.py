@@ -7,6 +7,7 @@ exactly the same architecture from the same arguments.
 
 from __future__ import annotations
 
+import math
 from typing import Mapping, Sequence
 
 import torch
@@ -56,6 +57,14 @@ def build_network(
             dropout_prob=dropout or None,
         )
     raise ValueError(f"unknown network '{name}' (use 'unet' or 'segresnet')")
+
+
+def size_divisor(network: Mapping) -> int:
+    """What a whole-image input's every side must be a multiple of for the network's skip connections to line up:
+    the product of a U-Net's strides, 2 ** (levels - 1) for a SegResNet."""
+    if network["name"] == "segresnet":
+        return 2 ** (len(network["blocks_down"]) - 1)
+    return int(math.prod(int(s) for s in network["strides"]))
 
 
 def initial_network(network: Mapping, seed: int) -> torch.nn.Module:

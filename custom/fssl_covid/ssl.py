@@ -201,19 +201,21 @@ def masked_consistency_loss(student_logits: torch.Tensor, labels: torch.Tensor, 
     return loss
 
 
-def teacher_probabilities(teacher: torch.nn.Module, x: torch.Tensor, flips: bool, autocast) -> torch.Tensor:
+def teacher_probabilities(teacher: torch.nn.Module, x: torch.Tensor, flips: bool, autocast,
+                          average_logits: bool = False) -> torch.Tensor:
     """Class probabilities of the teacher; with ``flips`` averaged over the image and its flips along each spatial
     axis (test-time augmentation: pseudo-labels a little better than one prediction, for 1 + dims forwards).
-    ``teacher`` is any callable returning logits; inference's ``inference.flip_tta`` uses it too."""
+    ``average_logits``: the softmax of the views' mean logits (their normalized geometric mean) instead of the mean
+    of their probabilities.  ``teacher`` is any callable returning logits; inference's TTA uses it too."""
     views = [()] + ([(2 + d,) for d in range(x.dim() - 2)] if flips else [])
     total = None
     for axes in views:
         with autocast():
             logits = teacher(torch.flip(x, axes) if axes else x).float()
-        p = torch.softmax(logits, dim=1)
+        p = torch.log_softmax(logits, dim=1) if average_logits else torch.softmax(logits, dim=1)
         p = torch.flip(p, axes) if axes else p
         total = p if total is None else total + p
-    return total / len(views)
+    return torch.softmax(total / len(views), dim=1) if average_logits else total / len(views)
 
 
 def cutmix_boxes(batch: int, spatial: tuple[int, ...], prob: float,

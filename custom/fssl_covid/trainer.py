@@ -20,11 +20,12 @@ import torch
 from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
 from monai.metrics import DiceMetric
+from torch.nn.functional import interpolate
 
 from .averaging import TailAverage, averaged_epochs
 from .config import job_training_config, resolve_config
 from .data import evaluation_dataset, evaluation_loader, infinite_batches, loader_workers, training_dataset
-from .networks import initial_network, weights_mismatch
+from .networks import initial_network, size_divisor, weights_mismatch
 from .ssl import (ConsistencyObjective, Perturbation, class_balanced_at_site, cutmix, teacher_probabilities,
                   unsup_weight)
 from .validation import data_expectations, usable_cases
@@ -179,17 +180,39 @@ class SegmentationTrainer:
 
     # ------------------------------------------------------------------ evaluation
     def predict_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits (log-probabilities with ``inference.flip_tta``) for a batch of preprocessed images: whole image in
-        2D, sliding windows in 3D; on the trainer's device (``x`` is moved there)."""
+        """Logits (log-probabilities with ``inference.flip_tta`` or ``scale_tta``) for a batch of preprocessed images:
+        whole image in 2D, sliding windows in 3D; on the trainer's device (``x`` is moved there)."""
         x = x.to(self.device)
         self.model.eval()
         inf = self.cfg["inference"]
-        if not inf["flip_tta"]:
+        if not inf["flip_tta"] and not inf["scale_tta"]:
             return self._forward(x)
-        # flip TTA: the same flip averaging as the SSL teacher's; log-probabilities keep the contract (argmax and
-        # softmax of the result are those of the averaged probabilities)
-        probs = teacher_probabilities(self._forward, x, flips=True, autocast=contextlib.nullcontext)
-        return torch.log(probs.clamp_min(1e-8))
+        # test-time augmentation: the SSL teacher's flip averaging at the input size and at each of
+        # inference.scale_tta's, every view's probabilities (or logits: inference.tta_average) averaged alike; the
+        # result is log-probabilities (argmax and softmax are those of the average)
+        logits = inf["tta_average"] == "logits"
+        spatial = tuple(x.shape[2:])
+        mode = "bilinear" if len(spatial) == 2 else "trilinear"
+        factors = (1.0, *inf["scale_tta"])
+        total = 0.0
+        for factor in factors:
+            view = x if factor == 1.0 else interpolate(x, size=self._scaled_size(spatial, factor), mode=mode,
+                                                        align_corners=False)
+            p = teacher_probabilities(self._forward, view, flips=inf["flip_tta"], autocast=contextlib.nullcontext,
+                                      average_logits=logits)
+            p = p if factor == 1.0 else interpolate(p, size=spatial, mode=mode, align_corners=False)
+            total = total + (p.clamp_min(1e-8).log() if logits else p)
+        if logits:  # the softmax of the mean log-probability: every view's logits averaged
+            return torch.log_softmax(total / len(factors), dim=1)
+        return torch.log((total / len(factors)).clamp_min(1e-8))
+
+    def _scaled_size(self, spatial: tuple[int, ...], factor: float) -> list[int]:
+        """``spatial`` times ``factor``; a whole 2D image's sides rounded to the nearest multiple the network takes
+        (a 3D scan's sliding windows pad what they need)."""
+        if len(spatial) == 3:
+            return [max(1, round(n * factor)) for n in spatial]
+        k = size_divisor(self.cfg["network"])
+        return [max(k, k * round(n * factor / k)) for n in spatial]
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad(), self.autocast():
