@@ -191,7 +191,7 @@ DEFAULTS: dict[str, Any] = {
         "flip_tta": False,
         # Also predict the image resized by each of these factors (whole 2D images: to the nearest size the network
         # takes; 3D: sliding windows over the resized scan), map each probability back to the image's size and
-        # average it with the original scale's (and their flips, with flip_tta): 1 + len(scale_tta) predictions.
+        # average it with the original scale's: 1 + len(scale_tta) sizes, each with its flips when flip_tta is on.
         # [] predicts at the input size only.  The 2D preset uses [0.9, 1.1] (192 px: 176 and 208): against its
         # flips at the input size alone (logits averaged), Study B's 8 local models of the twenty-third session
         # (five folds) scored +0.008 at Dice 0.5 and +0.006 in mean Dice (7 of 8 higher); not measured in 3D.
