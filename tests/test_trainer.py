@@ -314,6 +314,30 @@ def test_scale_tta_averages_the_resized_views(tiny_2d, tiny_3d, dims, average):
             SegmentationTrainer(cfg, {})
 
 
+def test_validation_tta_off_reads_the_validation_with_one_forward(tmp_path, tiny_2d):
+    """train.validation_tta false: the per-epoch / per-round validation reads the model with one forward per batch
+    while inference keeps its flips and scales (9 views here); true reads it with the inference's TTA."""
+    dl = load_datalist(write_slice_site(tmp_path / "site", n_labeled=4, n_unlabeled=0))
+    dl["validation"] = dl["training"][:2]
+    tiny_2d["train"]["amp"] = False
+    tiny_2d["inference"] = {"flip_tta": True, "scale_tta": [0.9, 1.3]}
+    readings = {}
+    for tta in (True, False):
+        tiny_2d["train"]["validation_tta"] = tta
+        tr = SegmentationTrainer(tiny_2d, dl)
+        forwards = []
+        hook = tr.model.register_forward_hook(lambda *_: forwards.append(1))
+        batches = sum(1 for _ in tr._validation_loader)
+        readings[tta] = tr.evaluate()["val_dice"]
+        hook.remove()
+        assert len(forwards) == batches * (9 if tta else 1)
+    tr.cfg["inference"] = {**tr.cfg["inference"], "flip_tta": False, "scale_tta": []}
+    assert tr.evaluate()["val_dice"] == pytest.approx(readings[False])  # the one forward is the plain reading
+    tiny_2d["train"]["validation_tta"] = "no"
+    with pytest.raises(ConfigError, match="validation_tta"):
+        SegmentationTrainer(tiny_2d, dl)
+
+
 def test_dice_batch_off_averages_each_images_dice(tiny_2d):
     """train.dice_batch false: the Dice term is the mean of each image's Dice loss (a small lesion counts as much
     as a large one), not one Dice over the batch; the cross-entropy is the same either way."""

@@ -178,6 +178,12 @@ DEFAULTS: dict[str, Any] = {
         # Training stops with an error after this many consecutive iterations whose loss is not finite (each such
         # step is skipped, so the weights are never touched by it).
         "max_nonfinite_steps": 20,
+        # How the per-epoch (centralized) and per-round (federated: the received and the trained model) validation
+        # reads the model: with the inference section's TTA (True) or with one forward (False).  That validation
+        # only draws the Dice curves and picks the best model; final and cross-site scores always read with the
+        # inference section's TTA.  The 2D preset turns it off: its nine-view reading (flips x 3 scales) of italy's
+        # validation slices, twice a round, cost as much as a third of italy's round on the CPU.
+        "validation_tta": True,
         "seed": 0,
         "num_threads": 0,  # torch CPU threads; 0 keeps torch's default
     },
@@ -359,8 +365,9 @@ def _check(cfg: dict) -> None:
     if not isinstance(scales, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
                                                and v != 1 for v in scales):
         raise ConfigError(f"inference.scale_tta must be a list of positive factors other than 1, got {scales!r}")
-    if not isinstance(train["dice_batch"], bool):
-        raise ConfigError(f"train.dice_batch must be true or false, got {train['dice_batch']!r}")
+    for key in ("dice_batch", "validation_tta"):
+        if not isinstance(train[key], bool):
+            raise ConfigError(f"train.{key} must be true or false, got {train[key]!r}")
     for key in ("batch_size", "unlabeled_batch_size", "iterations_per_epoch", "epochs"):
         if int(train[key]) < 1:
             raise ConfigError(f"train.{key} must be at least 1, got {train[key]}")

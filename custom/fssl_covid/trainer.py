@@ -179,13 +179,14 @@ class SegmentationTrainer:
         self.model.load_state_dict({k: t.to(state[k].dtype) for k, t in tensors.items()})
 
     # ------------------------------------------------------------------ evaluation
-    def predict_logits(self, x: torch.Tensor) -> torch.Tensor:
+    def predict_logits(self, x: torch.Tensor, tta: bool = True) -> torch.Tensor:
         """Logits (log-probabilities with ``inference.flip_tta`` or ``scale_tta``) for a batch of preprocessed images:
-        whole image in 2D, sliding windows in 3D; on the trainer's device (``x`` is moved there)."""
+        whole image in 2D, sliding windows in 3D; on the trainer's device (``x`` is moved there).  ``tta`` False:
+        one forward, whatever the inference section says."""
         x = x.to(self.device)
         self.model.eval()
         inf = self.cfg["inference"]
-        if not inf["flip_tta"] and not inf["scale_tta"]:
+        if not tta or (not inf["flip_tta"] and not inf["scale_tta"]):
             return self._forward(x)
         # test-time augmentation: the SSL teacher's flip averaging at the input size and at each of
         # inference.scale_tta's, every view's probabilities (or logits: inference.tta_average) averaged alike; the
@@ -236,7 +237,7 @@ class SegmentationTrainer:
         for batch in loader:
             x = batch["image"].to(self.device)
             y = batch["label"].to(self.device)
-            pred = self.predict_logits(x).argmax(dim=1, keepdim=True)
+            pred = self.predict_logits(x, tta=self.cfg["train"]["validation_tta"]).argmax(dim=1, keepdim=True)
             metric(y_pred=_onehot(pred), y=_onehot(y))
             n += x.shape[0]
         dice = metric.aggregate().item()
