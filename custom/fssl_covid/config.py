@@ -73,8 +73,9 @@ DEFAULTS: dict[str, Any] = {
         # pseudo-labels for 1 + spatial_dims teacher forwards per unlabeled batch).  Study B fssl, 3 seeds (twelfth
         # session): 0.755 / 0.754 / 0.775 with it, 0.751 / 0.753 / 0.774 without; the 2D preset turned it on then.
         # Over six seeds (thirteenth session) fssl with it ties local (paired -0.002, sd 0.0065): a gain of that
-        # size is inside the noise.  It costs time: Study B's whole matrix took 67 min with it (51 min in the tenth
-        # session without).
+        # size is inside the noise.  Twenty-fifth session, one forward: 0.754 / 0.762 / 0.776 against 0.756 / 0.761 /
+        # 0.776 (paired -0.0005) for a third of the teacher's forwards; the 2D preset turned it off again (with
+        # train.validation_tta off too, Study B's whole matrix took 62 min, 83 min before).
         "teacher_flip_tta": True,
         # Voxels whose teacher confidence (max softmax probability) is below this are ignored.
         # 0 keeps every voxel (the "no confidence threshold" ablation).
