@@ -1,6 +1,7 @@
 """Data contract and loading of 2D slices and 3D volumes (real NIfTI files on disk)."""
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,9 @@ def test_3d_volumes_are_resampled_windowed_and_patched(synthetic_sites, tiny_3d)
     cfg = resolve_config(tiny_3d)
     dl = load_datalist(synthetic_sites["china"])
     assert len(dl["training"]) == 4 and len(dl["unlabeled"]) == 4 and len(dl["test"]) == 2
-    item = Compose(preprocessing(cfg, pad=False))(dl["training"][0])
+    with warnings.catch_warnings():  # MONAI's deprecation notices stay out of every run's output
+        warnings.simplefilter("error", FutureWarning)
+        item = Compose(preprocessing(cfg, pad=False))(dl["training"][0])
     img, lab = item["image"], item["label"]
     assert img.shape[0] == 1 and img.dim() == 4 and img.shape == lab.shape
     assert np.allclose(img.pixdim.tolist(), cfg["data"]["spacing"], atol=1e-3)  # resampled to the configured grid

@@ -162,7 +162,9 @@ def preprocessing(cfg: Mapping, keys: Sequence[str] = ("image", "label"), pad: b
     xforms = loading(keys, dims)
     if dims == 3:
         if data["orientation"]:
-            xforms.append(Orientationd(keys=keys, axcodes=data["orientation"]))
+            # labels=None is MONAI 1.6's default (axis labels from the image's space), passed so that it stops
+            # printing its deprecation notice in every run's output
+            xforms.append(Orientationd(keys=keys, axcodes=data["orientation"], labels=None))
         if data["spacing"]:
             # float32, not MONAI's default float64: Invertd resamples the prediction back to the scan's grid at
             # this precision, and a 512 x 512 x 128 scan's float64 sampling grid alone is 0.8 GB (bench "grid")
