@@ -1,6 +1,7 @@
 """Local trainer: label-only and unlabeled-only sites, counts, checkpoints, predict on the input grid."""
 
 import functools
+import math
 import json
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import write_slice_site
+from conftest import TINY_2D, write_slice_site
 from fssl_covid.cli import main as fssl
 from fssl_covid.config import ConfigError, resolve_config
 from fssl_covid.data import load_datalist
@@ -358,7 +359,7 @@ def test_dice_batch_off_averages_each_images_dice(tiny_2d):
     assert off.item() == pytest.approx((sum(per_image) / 2 + ce).item(), rel=1e-5)
     assert abs(off.item() - supervised_loss(3.0)(logits, labels).item()) > 0.01
     trainer = SegmentationTrainer({**tiny_2d, "train": {**tiny_2d["train"], "dice_batch": False}}, {})
-    assert trainer.sup_loss.dice.batch is False
+    assert trainer.sup_loss.loss.dice.batch is False
     tiny_2d["train"]["dice_batch"] = "no"
     with pytest.raises(ConfigError, match="dice_batch"):
         SegmentationTrainer(tiny_2d, {})
@@ -461,3 +462,41 @@ def test_mean_dice_of_a_ct_volume_needs_memory_of_the_volume_only():
     proc = subprocess.run([sys.executable, "-c", CT_VOLUME, "3"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert float(proc.stdout) == pytest.approx(255 / 256, abs=1e-6)
+
+
+def test_deep_supervision_trains_every_head_and_predicts_with_the_main_one(tmp_path, tiny_2d):
+    """network "dynunet" with deep_supervision 1: while training the network gives its full-size main head and one
+    coarser head (resized to the input), and the supervised loss weights them 2/3 and 1/3; evaluating, the main head
+    alone.  A model that has trained deep-copies (the SSL teacher is a copy), and the SSL student is read by its
+    main head.  Deep supervision on another network, or more heads than levels, is refused."""
+    import copy
+
+    from fssl_covid.networks import build_network, main_output, output_heads
+    from fssl_covid.trainer import supervised_loss
+
+    tiny_2d["network"] = {**tiny_2d["network"], "name": "dynunet", "deep_supervision": 1}
+    torch.manual_seed(0)
+    model = build_network(**tiny_2d["network"]).train()
+    x, y = torch.randn(2, 1, 64, 64), (torch.rand(2, 1, 64, 64) > 0.8).float()
+    out = model(x)
+    assert out.shape == (2, 2, 2, 64, 64)
+    heads = output_heads(out, x)
+    assert len(heads) == 2 and torch.equal(main_output(out, x), heads[0])
+    plain = supervised_loss(3.0)
+    assert supervised_loss(3.0, deep_supervision=1)(heads, y).item() == pytest.approx(
+        (2 / 3 * plain(heads[0], y) + 1 / 3 * plain(heads[1], y)).item(), rel=1e-5)
+    assert plain([heads[0]], y).item() == plain(heads[0], y).item()  # one head: plain Dice + CE, as before
+    twin = copy.deepcopy(model).eval()
+    assert twin(x).shape == (2, 2, 64, 64) and torch.equal(twin(x), model.eval()(x))
+
+    dl = load_datalist(write_slice_site(tmp_path / "site", n_labeled=4, n_unlabeled=4))
+    dl["validation"] = dl["training"][:2]
+    tiny_2d["ssl"]["confidence_threshold"] = 0.0  # every pixel counts: the student's term cannot be empty
+    tr = SegmentationTrainer(tiny_2d, dl)
+    res = tr.run_round(None, round_index=1, total_rounds=2)
+    assert res.labeled_samples_seen > 0 and res.unlabeled_samples_seen > 0
+    assert math.isfinite(res.losses["sup_loss"]) and res.losses["unsup_loss"] > 0
+    assert 0.0 <= res.metrics_after["val_dice"] <= 1.0
+    for bad in ({"deep_supervision": 1}, {"name": "dynunet", "deep_supervision": 2}, {"deep_supervision": -1}):
+        with pytest.raises(ConfigError, match="deep_supervision"):
+            resolve_config({"data": TINY_2D["data"], "network": {**TINY_2D["network"], **bad}})

@@ -41,12 +41,13 @@ DEFAULTS: dict[str, Any] = {
         "num_workers": -1,
     },
     "network": {
-        # "unet" (monai.networks.nets.UNet) or "segresnet" (monai.networks.nets.SegResNet).
+        # "unet" (monai.networks.nets.UNet), "dynunet" (monai.networks.nets.DynUNet: nnU-Net's layout, a first
+        # level at full resolution) or "segresnet" (monai.networks.nets.SegResNet).
         "name": "unet",
         "spatial_dims": 3,
         "in_channels": 1,
         "out_channels": 2,
-        # UNet: encoder widths and strides; SegResNet: init_filters and blocks_down.
+        # UNet / DynUNet: encoder widths and strides; SegResNet: init_filters and blocks_down.
         "channels": [16, 32, 64, 128],
         "strides": [2, 2, 2],
         "num_res_units": 2,
@@ -54,6 +55,9 @@ DEFAULTS: dict[str, Any] = {
         "dropout": 0.0,
         "init_filters": 16,
         "blocks_down": [1, 2, 2, 4],
+        # DynUNet only: extra output heads at the next coarser levels, each trained against the mask too (MONAI
+        # DeepSupervisionLoss, weights 1, 1/2, 1/4, ...); 0: none.  Inference reads the main head alone.
+        "deep_supervision": 0,
     },
     "ssl": {
         # Fed-Consist: the teacher predicts on a weakly perturbed view, confident voxels become pseudo-labels
@@ -318,8 +322,14 @@ def _check(cfg: dict) -> None:
     if data["intensity_normalization"] not in ("window", "percentile", "histogram"):
         raise ConfigError("data.intensity_normalization must be 'window', 'percentile' or 'histogram', got "
                           f"'{data['intensity_normalization']}'")
-    if net["name"] not in ("unet", "segresnet"):
-        raise ConfigError(f"network.name must be 'unet' or 'segresnet', got '{net['name']}'")
+    if net["name"] not in ("unet", "dynunet", "segresnet"):
+        raise ConfigError(f"network.name must be 'unet', 'dynunet' or 'segresnet', got '{net['name']}'")
+    heads = net["deep_supervision"]
+    if isinstance(heads, bool) or not isinstance(heads, int) or heads < 0:
+        raise ConfigError(f"network.deep_supervision must be a whole number of heads, 0 or more, got {heads!r}")
+    if heads and (net["name"] != "dynunet" or heads >= len(net["strides"])):
+        raise ConfigError(f"network.deep_supervision {heads} needs network.name 'dynunet' and fewer heads than "
+                          f"network.strides has levels ({len(net['strides'])}); got '{net['name']}'")
     if ssl["teacher"] not in ("global", "ema"):
         raise ConfigError(f"ssl.teacher must be 'global' or 'ema', got '{ssl['teacher']}'")
     if int(ssl["teacher_average_last_epochs"]) < 0:

@@ -11,8 +11,21 @@ import math
 from typing import Mapping, Sequence
 
 import torch
-from monai.networks.nets import SegResNet, UNet
+from monai.networks.nets import DynUNet, SegResNet, UNet
 from monai.utils import set_determinism
+
+
+class _DynUNet(DynUNet):
+    """MONAI's DynUNet, minus one habit: it keeps its deep supervision heads' last feature maps on the module
+    (``self.heads``), which holds their memory between steps and makes a trained model impossible to
+    ``copy.deepcopy`` (non-leaf tensors; MONAI issue #6442). Here they are let go after each forward."""
+
+    def forward(self, x):
+        try:
+            return super().forward(x)
+        finally:
+            for i in range(len(self.heads)):  # the list object is shared with the skip layers: replace in place
+                self.heads[i] = None
 
 
 def build_network(
@@ -27,15 +40,39 @@ def build_network(
     dropout: float = 0.0,
     init_filters: int = 16,
     blocks_down: Sequence[int] = (1, 2, 2, 4),
+    deep_supervision: int = 0,
 ) -> torch.nn.Module:
-    """Build a MONAI U-Net or SegResNet that outputs ``out_channels`` logits per voxel.
+    """Build a MONAI U-Net, DynUNet or SegResNet that outputs ``out_channels`` logits per voxel.
 
-    U-Net uses ``channels``/``strides``/``num_res_units``; SegResNet uses ``init_filters``/``blocks_down``.
+    U-Net and DynUNet use ``channels``/``strides``/``num_res_units``; SegResNet uses ``init_filters``/``blocks_down``.
+    DynUNet (nnU-Net's architecture) keeps a first level at full resolution (MONAI's U-Net downsamples in its first
+    convolution), with 3-wide kernels, residual blocks when ``num_res_units`` > 0, and ``deep_supervision`` extra
+    output heads at coarser levels while training (0: none; see :func:`output_heads`).
     Widths are configurable so CPU tests use a tiny model and a GPU site a full one.
     """
+    if name in ("unet", "dynunet") and len(strides) != len(channels) - 1:
+        raise ValueError(f"{name} needs len(strides) == len(channels) - 1, got {list(channels)} / {list(strides)}")
+    if deep_supervision and name != "dynunet":
+        raise ValueError(f"deep_supervision needs network 'dynunet', not '{name}'")
+    if name == "dynunet":
+        if not 0 <= deep_supervision < len(strides):
+            raise ValueError(f"dynunet with {len(strides)} strides has 0..{len(strides) - 1} deep supervision "
+                             f"heads, got {deep_supervision}")
+        return _DynUNet(
+            spatial_dims=spatial_dims,
+            in_channels=in_channels,
+            out_channels=out_channels,
+            kernel_size=[3] * len(channels),
+            strides=[1, *strides],
+            upsample_kernel_size=list(strides),
+            filters=list(channels),
+            norm_name=norm,
+            dropout=dropout or None,
+            deep_supervision=deep_supervision > 0,
+            deep_supr_num=max(1, deep_supervision),
+            res_block=num_res_units > 0,
+        )
     if name == "unet":
-        if len(strides) != len(channels) - 1:
-            raise ValueError(f"unet needs len(strides) == len(channels) - 1, got {list(channels)} / {list(strides)}")
         return UNet(
             spatial_dims=spatial_dims,
             in_channels=in_channels,
@@ -56,7 +93,19 @@ def build_network(
             norm=norm,
             dropout_prob=dropout or None,
         )
-    raise ValueError(f"unknown network '{name}' (use 'unet' or 'segresnet')")
+    raise ValueError(f"unknown network '{name}' (use 'unet', 'dynunet' or 'segresnet')")
+
+
+def output_heads(out: torch.Tensor, inputs: torch.Tensor) -> list[torch.Tensor]:
+    """A network's output as a list of heads, the full-size main head first.  A deeply supervised DynUNet in
+    training mode stacks its heads on dim 1, each already resized to the input's size: ``(B, heads, C, *spatial)``;
+    every other output is one head."""
+    return list(out.unbind(dim=1)) if out.dim() == inputs.dim() + 1 else [out]
+
+
+def main_output(out: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+    """The full-size main head of ``out`` (see :func:`output_heads`)."""
+    return out[:, 0] if out.dim() == inputs.dim() + 1 else out
 
 
 def size_divisor(network: Mapping) -> int:

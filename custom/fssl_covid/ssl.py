@@ -28,6 +28,8 @@ from typing import Mapping
 import torch
 import torch.nn.functional as F
 
+from .networks import main_output
+
 
 def sigmoid_rampup(t: float, warmup: float, length: float) -> float:
     """0 before ``warmup``, then exp(-5 (1 - p)^2) with p going 0 -> 1 over ``length`` (Laine & Aila, 2017)."""
@@ -295,7 +297,7 @@ class ConsistencyObjective:
         xs, probs = self.cutmix(xs, probs)
         labels, mask = pseudo_labels(probs, self.cfg["confidence_threshold"], self.cfg["class_adaptive_threshold"])
         with autocast():
-            logits = student(xs)
+            logits = main_output(student(xs), xs)  # a deeply supervised student: its main head
         if self.cfg["unsup_loss"] == "mse":
             # Mean-Teacher style soft consistency on confident voxels
             diff = (torch.softmax(logits.float(), dim=1) - probs).pow(2).sum(dim=1)

@@ -18,14 +18,14 @@ from typing import Callable, Mapping
 import numpy as np
 import torch
 from monai.inferers import sliding_window_inference
-from monai.losses import DiceCELoss
+from monai.losses import DeepSupervisionLoss, DiceCELoss
 from monai.metrics import DiceMetric
 from torch.nn.functional import interpolate
 
 from .averaging import TailAverage, averaged_epochs
 from .config import job_training_config, resolve_config
 from .data import evaluation_dataset, evaluation_loader, infinite_batches, loader_workers, training_dataset
-from .networks import initial_network, size_divisor, weights_mismatch
+from .networks import initial_network, output_heads, size_divisor, weights_mismatch
 from .ssl import (ConsistencyObjective, Perturbation, class_balanced_at_site, cutmix, teacher_probabilities,
                   unsup_weight)
 from .validation import data_expectations, usable_cases
@@ -110,7 +110,9 @@ class SegmentationTrainer:
         self.optimizer = self._make_optimizer()
         # loss scaling only for float16 (bfloat16 has float32's exponent range)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
-        self.sup_loss = supervised_loss(float(tcfg["lesion_ce_weight"]), tcfg["dice_batch"]).to(self.device)
+        self.sup_loss = supervised_loss(float(tcfg["lesion_ce_weight"]), tcfg["dice_batch"],
+                                        deep_supervision=int(self.cfg["network"]["deep_supervision"]))
+        self.sup_loss = self.sup_loss.to(self.device)
         self.generator = torch.Generator().manual_seed(self.seed)
         self.augment = Perturbation(tcfg["augment"], self.generator)
         self.consistency = ConsistencyObjective(self.cfg["ssl"], self.generator, class_balanced_at_site(
@@ -323,7 +325,7 @@ class SegmentationTrainer:
                     x, y = _on(batch["image"], self.device), _on(batch["label"], self.device)
                     x, y = cutmix(*self.augment(x, y), t["cutmix_prob"], self.generator)
                     with self.autocast():
-                        sup = self.sup_loss(self.model(x).float(), y)
+                        sup = self.sup_loss([h.float() for h in output_heads(self.model(x), x)], y)
                     loss = loss + sup
                 if lam > 0:
                     u = _on(next(self._unlabeled_batches)["image"], self.device)
@@ -464,14 +466,19 @@ def load_checkpoint(path: str | Path, config: Mapping | None = None) -> tuple[di
     return state, resolve_config(cfg)
 
 
-def supervised_loss(lesion_ce_weight: float = 1.0, dice_batch: bool = True) -> DiceCELoss:
+def supervised_loss(lesion_ce_weight: float = 1.0, dice_batch: bool = True,
+                    deep_supervision: int = 0) -> DeepSupervisionLoss:
     """Dice (lesion class, over the batch; per image, averaged, when not ``dice_batch``) + cross-entropy with the
-    lesion class weighted ``lesion_ce_weight``.
+    lesion class weighted ``lesion_ce_weight``, of a list of output heads (:func:`networks.output_heads`): of the
+    main head alone, or of it and ``deep_supervision`` coarser heads, weighted 1, 1/2, 1/4, ... scaled to sum to 1
+    (nnU-Net's weighting; the loss stays on the scale of one head's).
 
     MONAI's DiceCELoss passes its class ``weight`` to the Dice term too, which ignores it here (one class left
     without the background): only the cross-entropy's class balance changes (tests/test_trainer.py checks)."""
     weight = torch.tensor([1.0, lesion_ce_weight]) if lesion_ce_weight != 1.0 else None
-    return DiceCELoss(to_onehot_y=True, softmax=True, include_background=False, batch=dice_batch, weight=weight)
+    loss = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False, batch=dice_batch, weight=weight)
+    weights = [0.5 ** level for level in range(int(deep_supervision) + 1)]
+    return DeepSupervisionLoss(loss, weights=[w / sum(weights) for w in weights])
 
 
 def _frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
