@@ -56,7 +56,7 @@ DEFAULTS: dict[str, Any] = {
         "init_filters": 16,
         "blocks_down": [1, 2, 2, 4],
         # DynUNet only: extra output heads at the next coarser levels, each trained against the mask too (MONAI
-        # DeepSupervisionLoss, weights 1, 1/2, 1/4, ...); 0: none.  Inference reads the main head alone.
+        # DeepSupervisionLoss, weights 1, 1/2, 1/4, ... scaled to sum to 1); 0: none.  Inference reads the main head.
         "deep_supervision": 0,
     },
     "ssl": {
