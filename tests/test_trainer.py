@@ -1,8 +1,8 @@
 """Local trainer: label-only and unlabeled-only sites, counts, checkpoints, predict on the input grid."""
 
 import functools
-import math
 import json
+import math
 import subprocess
 import sys
 

@@ -54,10 +54,7 @@ def build_network(
         raise ValueError(f"{name} needs len(strides) == len(channels) - 1, got {list(channels)} / {list(strides)}")
     if deep_supervision and name != "dynunet":
         raise ValueError(f"deep_supervision needs network 'dynunet', not '{name}'")
-    if name == "dynunet":
-        if not 0 <= deep_supervision < len(strides):
-            raise ValueError(f"dynunet with {len(strides)} strides has 0..{len(strides) - 1} deep supervision "
-                             f"heads, got {deep_supervision}")
+    if name == "dynunet":  # MONAI checks the number of heads against the levels
         return _DynUNet(
             spatial_dims=spatial_dims,
             in_channels=in_channels,
@@ -68,8 +65,8 @@ def build_network(
             filters=list(channels),
             norm_name=norm,
             dropout=dropout or None,
-            deep_supervision=deep_supervision > 0,
-            deep_supr_num=max(1, deep_supervision),
+            deep_supervision=deep_supervision != 0,
+            deep_supr_num=deep_supervision or 1,
             res_block=num_res_units > 0,
         )
     if name == "unet":
@@ -105,7 +102,7 @@ def output_heads(out: torch.Tensor, inputs: torch.Tensor) -> list[torch.Tensor]:
 
 def main_output(out: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
     """The full-size main head of ``out`` (see :func:`output_heads`)."""
-    return out[:, 0] if out.dim() == inputs.dim() + 1 else out
+    return output_heads(out, inputs)[0]
 
 
 def size_divisor(network: Mapping) -> int:

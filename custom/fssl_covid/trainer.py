@@ -111,8 +111,7 @@ class SegmentationTrainer:
         # loss scaling only for float16 (bfloat16 has float32's exponent range)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.sup_loss = supervised_loss(float(tcfg["lesion_ce_weight"]), tcfg["dice_batch"],
-                                        deep_supervision=int(self.cfg["network"]["deep_supervision"]))
-        self.sup_loss = self.sup_loss.to(self.device)
+                                        int(self.cfg["network"]["deep_supervision"])).to(self.device)
         self.generator = torch.Generator().manual_seed(self.seed)
         self.augment = Perturbation(tcfg["augment"], self.generator)
         self.consistency = ConsistencyObjective(self.cfg["ssl"], self.generator, class_balanced_at_site(
@@ -325,7 +324,7 @@ class SegmentationTrainer:
                     x, y = _on(batch["image"], self.device), _on(batch["label"], self.device)
                     x, y = cutmix(*self.augment(x, y), t["cutmix_prob"], self.generator)
                     with self.autocast():
-                        sup = self.sup_loss([h.float() for h in output_heads(self.model(x), x)], y)
+                        sup = self.sup_loss(output_heads(self.model(x), x), y)  # float32 in the loss
                     loss = loss + sup
                 if lam > 0:
                     u = _on(next(self._unlabeled_batches)["image"], self.device)
