@@ -149,26 +149,35 @@ def loading(keys: Sequence[str], spatial_dims: int) -> list:
             EnsureSpatialDimsd(keys=keys, spatial_dims=spatial_dims)]
 
 
+# How an image is resampled between grids: to the training grid (3D: Spacingd) and a prediction back to the scan's
+# grid (inference.resample_to_grid): linear, edges extended, voxels as squares (MONAI's and PyTorch's conventions).
+RESAMPLING = {"padding_mode": "border", "align_corners": False}
+
+
 def preprocessing(cfg: Mapping, keys: Sequence[str] = ("image", "label"), pad: bool = True) -> list:
-    """Deterministic preprocessing (cached): load, channel first, 2D/3D check, orientation and spacing (3D),
-    intensity window (or the image's own percentiles) to 0..1, label binarization, resize (2D) or pad to the patch
-    size (3D training)."""
+    """Deterministic preprocessing (cached): load, channel first, 2D/3D check (``loading``), then ``preparation``."""
+    return loading(keys, cfg["data"]["spatial_dims"]) + preparation(cfg, keys, pad)
+
+
+def preparation(cfg: Mapping, keys: Sequence[str] = ("image", "label"), pad: bool = True) -> list:
+    """What follows ``loading``: orientation and spacing (3D), intensity window (or the image's own percentiles) to
+    0..1, label binarization, resize (2D) or pad to the patch size (3D training)."""
     data = cfg["data"]
     dims = data["spatial_dims"]
     keys = list(keys)
     has_label = "label" in keys
     modes = ["bilinear", "nearest"] if has_label else ["bilinear"]
     lo, hi = data["intensity_range"]
-    xforms = loading(keys, dims)
+    xforms = []
     if dims == 3:
         if data["orientation"]:
             # labels=None is MONAI 1.6's default (axis labels from the image's space), passed so that it stops
             # printing its deprecation notice in every run's output
             xforms.append(Orientationd(keys=keys, axcodes=data["orientation"], labels=None))
         if data["spacing"]:
-            # float32, not MONAI's default float64: Invertd resamples the prediction back to the scan's grid at
-            # this precision, and a 512 x 512 x 128 scan's float64 sampling grid alone is 0.8 GB (bench "grid")
-            xforms.append(Spacingd(keys=keys, pixdim=data["spacing"], mode=modes, dtype=torch.float32))
+            # float32, not MONAI's default float64: half the memory for the sampling grid of a full-size scan
+            # (bench "grid"), and the precision every 3D model here was trained with
+            xforms.append(Spacingd(keys=keys, pixdim=data["spacing"], mode=modes, dtype=torch.float32, **RESAMPLING))
     if data["intensity_normalization"] == "percentile":
         xforms.append(ScaleIntensityRangePercentilesd(keys="image", lower=0.5, upper=99.5, b_min=0.0, b_max=1.0,
                                                       clip=True))

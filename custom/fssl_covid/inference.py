@@ -1,14 +1,15 @@
 """Inference: lesion masks or probabilities written on the input's own grid, and scores computed the same way.
 
 Each input image is preprocessed exactly as in training (orientation, spacing, window, resize), segmented
-(sliding windows in 3D), and the lesion probability is mapped back with MONAI's ``Invertd`` so that the output
-has the same shape as the input file and the same name, in the output folder: a NIfTI with the input's affine for
-NIfTI inputs; for a 2D picture (PNG, JPEG, BMP, TIFF: the format of COVID-SemiSeg's original release) a PNG, the
-mask 0/255 and the probability in 8 bits (round(255 p), as Inf-Net writes its maps).
+(sliding windows in 3D), and the lesion log-odds are resampled back onto the input's grid (``resample_to_grid``) so
+that the output has the same shape as the input file and the same name, in the output folder: a NIfTI with the
+input's affine for NIfTI inputs; for a 2D picture (PNG, JPEG, BMP, TIFF: the format of COVID-SemiSeg's original
+release) a PNG, the mask 0/255 and the probability in 8 bits (round(255 p), as Inf-Net writes its maps).
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Iterable
 
@@ -16,10 +17,11 @@ import nibabel as nib
 import numpy as np
 import torch
 from monai.data import MetaTensor
-from monai.transforms import Compose, Invertd
+from monai.data.utils import to_affine_nd
+from monai.transforms import Compose, SpatialResample
 from PIL import Image
 
-from .data import DataError, loading, preprocessing
+from .data import RESAMPLING, DataError, loading, preparation
 
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
@@ -30,24 +32,51 @@ def is_picture(path: str | Path) -> bool:
 
 class GridPredictor:
     """The lesion probability of an image file on the file's own grid (its shape, without resampling): preprocessed
-    as in training, segmented, mapped back with ``Invertd``.  The protocol of Fan et al. (2020): a prediction is
-    scored against the mask as it was drawn, not against a resized copy."""
+    as in training, segmented, its lesion log-odds resampled back (``resample_to_grid``).  The protocol of Fan et al.
+    (2020): a prediction is scored against the mask as it was drawn, not against a resized copy."""
 
     def __init__(self, trainer):
         self.trainer = trainer
-        self.pre = Compose(preprocessing(trainer.cfg, ("image",), pad=False))
-        self.invert = Invertd(keys="pred", transform=self.pre, orig_keys="image", nearest_interp=False,
-                              to_tensor=True)
+        self.load = Compose(loading(("image",), trainer.cfg["data"]["spatial_dims"]))
+        self.prepare = Compose(preparation(trainer.cfg, ("image",), pad=False))
 
     def __call__(self, path: str | Path, shape: tuple | None = None) -> np.ndarray:
         """``shape``: the file's array shape (a 2D slice stored as (W, H, 1) gets its singleton axis back); None:
         the grid as read (a picture's (W, H))."""
-        data = self.pre({"image": str(path)})
-        x = data["image"].unsqueeze(0).to(self.trainer.device)
-        prob = torch.softmax(self.trainer.predict_logits(x), dim=1)[0, 1:2].cpu()
-        data["pred"] = MetaTensor(prob, meta=data["image"].meta, applied_operations=data["image"].applied_operations)
-        prob = self.invert(data)["pred"][0].detach().cpu().numpy().astype(np.float32)
+        image = self.load({"image": str(path)})["image"]
+        grid_affine, grid_shape = image.affine, tuple(image.shape[1:])
+        x = self.prepare({"image": image})["image"]
+        del image  # the scan as read: only its grid is needed from here on
+        logits = self.trainer.predict_logits(x.unsqueeze(0))[0].float().cpu()
+        # the lesion's log-odds against the other classes: resampled, they give sharper outlines than the
+        # probability does (docs/experiments.md, twenty-seventh session); its sigmoid is the softmax's lesion class
+        log_odds = logits[1:2] - torch.logsumexp(torch.cat([logits[:1], logits[2:]]), dim=0, keepdim=True)
+        prob = resample_to_grid(log_odds, x.affine, grid_affine, grid_shape).sigmoid_()[0].numpy()
         return prob if shape is None else _restore_shape(prob, shape, Path(path))
+
+
+def resample_to_grid(values: torch.Tensor, src_affine: torch.Tensor, dst_affine: torch.Tensor, shape: tuple,
+                     max_voxels: int = 1 << 22) -> torch.Tensor:
+    """Channel-first ``values`` on the grid of ``src_affine`` resampled linearly onto the grid of ``dst_affine`` and
+    spatial ``shape`` (float32), as the preprocessing resamples (``data.RESAMPLING``), with MONAI's
+    ``SpatialResample``: what ``Invertd`` does through the preprocessing's inverses, in one step, and in slabs of
+    the last axis of at most ``max_voxels`` voxels each — MONAI samples a whole grid at once, 3 coordinates a
+    voxel, which for a 512 x 512 x 300 scan is 0.9 GB."""
+    dims = len(shape)
+    values = values.as_tensor() if isinstance(values, MetaTensor) else values
+    src = MetaTensor(values.float(), affine=to_affine_nd(dims, src_affine))
+    dst_affine = to_affine_nd(dims, torch.as_tensor(dst_affine, dtype=torch.float64))
+    resample = SpatialResample(mode="bilinear", dtype=torch.float32, **RESAMPLING)
+    out = torch.empty((values.shape[0], *shape), dtype=torch.float32)
+    step = max(1, max_voxels // math.prod(shape[:-1]))
+    for start in range(0, shape[-1], step):
+        n = min(step, shape[-1] - start)
+        offset = torch.eye(dims + 1, dtype=torch.float64)
+        offset[dims - 1, dims] = start  # the slab's first plane as the grid's origin
+        with resample.trace_transform(False):
+            out[..., start:start + n] = torch.as_tensor(resample(src, dst_affine=dst_affine @ offset,
+                                                                 spatial_size=(*shape[:-1], n)))
+    return out
 
 
 def predict_files(trainer, images: Iterable[str | Path], out_dir: str | Path, probabilities: bool = False,
