@@ -175,8 +175,8 @@ def preparation(cfg: Mapping, keys: Sequence[str] = ("image", "label"), pad: boo
             # printing its deprecation notice in every run's output
             xforms.append(Orientationd(keys=keys, axcodes=data["orientation"], labels=None))
         if data["spacing"]:
-            # float32, not MONAI's default float64: half the memory for the sampling grid of a full-size scan
-            # (bench "grid"), and the precision every 3D model here was trained with
+            # float32, not MONAI's default float64: the precision every 3D model here was trained with, and half
+            # the memory of the sampling grid (over the training grid's voxels)
             xforms.append(Spacingd(keys=keys, pixdim=data["spacing"], mode=modes, dtype=torch.float32, **RESAMPLING))
     if data["intensity_normalization"] == "percentile":
         xforms.append(ScaleIntensityRangePercentilesd(keys="image", lower=0.5, upper=99.5, b_min=0.0, b_max=1.0,
