@@ -1,5 +1,7 @@
 """Predictions mapped back onto each input's own grid: the resampling against MONAI's and PyTorch's own."""
 
+import shutil
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -8,10 +10,11 @@ from monai.data import MetaTensor
 from monai.transforms import Compose, Invertd
 from torch.nn.functional import interpolate
 
+from fssl_covid.cli import main as fssl
 from fssl_covid.config import resolve_config
-from fssl_covid.data import loading, preprocessing
-from fssl_covid.inference import GridPredictor, resample_to_grid
-from fssl_covid.trainer import SegmentationTrainer
+from fssl_covid.data import DataError, load_datalist, loading, preprocessing
+from fssl_covid.inference import GridPredictor, predict_files, resample_to_grid
+from fssl_covid.trainer import SegmentationTrainer, save_checkpoint
 
 
 def _smooth_map(shape: tuple, seed: int = 0) -> torch.Tensor:
@@ -71,3 +74,32 @@ def test_the_probability_on_the_networks_own_grid_is_the_softmax_of_its_lesion_c
     expected = torch.softmax(trainer.predict_logits(x.unsqueeze(0)), dim=1)[0, 1].numpy()
     assert prob.shape == (64, 64, 1) and prob.dtype == np.float32
     assert np.allclose(prob[..., 0], expected, atol=1e-5) and 0.01 < expected.std()
+
+
+def test_one_bad_scan_is_named_and_skipped_and_every_other_scan_is_predicted(tmp_path, synthetic_sites, tiny_3d,
+                                                                              capsys):
+    """`fssl predict` on a folder with a corrupt file (bytes that are not gzip, named .nii.gz) and a truncated one
+    among good scans: the good scans' masks are written, each bad file is named with its problem, the exit status
+    says something failed; called without a handler, `predict_files` raises naming the file."""
+    trainer = SegmentationTrainer(resolve_config(tiny_3d), {}, device="cpu")
+    save_checkpoint(tmp_path / "model.pt", trainer.get_weights(), trainer.cfg)
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    good = [c["image"] for c in load_datalist(synthetic_sites["china"])["training"][:2]]
+    shutil.copy(good[0], scans / "a.nii.gz")
+    (scans / "b.nii.gz").write_bytes(b"not a scan")
+    data = (scans / "a.nii.gz").read_bytes()
+    (scans / "c.nii.gz").write_bytes(data[: len(data) // 2])  # cut off mid-transfer
+    shutil.copy(good[1], scans / "d.nii.gz")
+    capsys.readouterr()
+    assert fssl(["predict", "--model", str(tmp_path / "model.pt"), "--input", str(scans), "--out",
+                 str(tmp_path / "out"), "--device", "cpu"]) == 1
+    err = capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.nii.gz", "d.nii.gz"]
+    for name in ("a", "d"):
+        assert nib.load(tmp_path / "out" / f"{name}.nii.gz").shape == nib.load(scans / f"{name}.nii.gz").shape
+    assert f"{scans / 'b.nii.gz'}: not gzip-compressed" in err
+    assert f"{scans / 'c.nii.gz'}: " in err and "truncated" in err
+    assert "2 of 4 inputs could not be predicted" in err
+    with pytest.raises(DataError, match="b.nii.gz: not gzip-compressed"):
+        predict_files(trainer, [scans / "b.nii.gz"], tmp_path / "strict")

@@ -137,8 +137,19 @@ def cmd_predict(args) -> int:
               file=sys.stderr)
         return 2
     trainer = _trainer_for(args.model, args.config, args.device)
-    written = predict_files(trainer, images, args.out, probabilities=args.probabilities, threshold=args.threshold)
+    failed: list[Path] = []
+
+    def skip(path: Path, problem: str) -> None:  # one bad scan does not cost the others their predictions
+        failed.append(path)
+        print(f"error: {problem} (skipped)", file=sys.stderr, flush=True)
+
+    written = predict_files(trainer, images, args.out, probabilities=args.probabilities, threshold=args.threshold,
+                            on_error=skip)
     print(f"wrote {len(written)} {'probability maps' if args.probabilities else 'masks'} to {Path(args.out).resolve()}")
+    if failed:
+        print(f"error: {len(failed)} of {len(images)} inputs could not be predicted (listed above); the other "
+              f"{len(written)} were written", file=sys.stderr)
+        return 1
     return 0
 
 

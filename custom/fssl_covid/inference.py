@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable, Mapping
 
 import nibabel as nib
 import numpy as np
@@ -21,7 +21,8 @@ from monai.data.utils import to_affine_nd
 from monai.transforms import Compose, SpatialResample
 from PIL import Image
 
-from .data import RESAMPLING, DataError, loading, preparation
+from .data import RESAMPLING, DataError, loading, preparation, root_cause
+from .validation import check_case, data_expectations
 
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
@@ -80,11 +81,14 @@ def resample_to_grid(values: torch.Tensor, src_affine: torch.Tensor, dst_affine:
 
 
 def predict_files(trainer, images: Iterable[str | Path], out_dir: str | Path, probabilities: bool = False,
-                  threshold: float | None = None) -> list[Path]:
+                  threshold: float | None = None,
+                  on_error: Callable[[Path, str], None] | None = None) -> list[Path]:
     """Segment ``images`` with ``trainer``'s model; returns the written paths.
 
     ``probabilities`` writes the lesion probability (float32 NIfTI; 8-bit PNG for a picture); otherwise a mask at
-    ``threshold`` (default ``inference.threshold`` of the configuration): 0/1 uint8 NIfTI, 0/255 PNG.
+    ``threshold`` (default ``inference.threshold`` of the configuration): 0/1 uint8 NIfTI, 0/255 PNG.  An input that
+    cannot be predicted raises ``DataError`` naming it and the problem; with ``on_error`` it is reported there
+    instead (the input, the message) and the other inputs are still predicted.
     """
     threshold = trainer.cfg["inference"]["threshold"] if threshold is None else threshold
     images = [Path(p) for p in images]
@@ -102,20 +106,40 @@ def predict_files(trainer, images: Iterable[str | Path], out_dir: str | Path, pr
     written = []
     for path, name in zip(images, names):
         target = out_dir / name
-        if is_picture(path):
-            prob = predictor(path)
-            out = np.rint(prob * 255) if probabilities else (prob >= threshold) * 255
-            Image.fromarray(np.ascontiguousarray(out.astype(np.uint8).T)).save(target)  # (W, H) read, (H, W) stored
-        else:
-            src = nib.load(str(path))
-            prob = predictor(path, src.shape)
-            out = prob if probabilities else (prob >= threshold).astype(np.uint8)
-            img = nib.Nifti1Image(out, src.affine, header=src.header.copy())
-            img.set_data_dtype(np.float32 if probabilities else np.uint8)
-            img.header.set_slope_inter(1.0, 0.0)
-            nib.save(img, str(target))
+        try:
+            if is_picture(path):
+                prob = predictor(path)
+                out = np.rint(prob * 255) if probabilities else (prob >= threshold) * 255
+                Image.fromarray(np.ascontiguousarray(out.astype(np.uint8).T)).save(target)  # (W, H) read, (H, W)
+            else:
+                src = nib.load(str(path))
+                prob = predictor(path, src.shape)
+                out = prob if probabilities else (prob >= threshold).astype(np.uint8)
+                img = nib.Nifti1Image(out, src.affine, header=src.header.copy())
+                img.set_data_dtype(np.float32 if probabilities else np.uint8)
+                img.header.set_slope_inter(1.0, 0.0)
+                nib.save(img, str(target))
+        except Exception as e:  # one bad input: readers and transforms raise many types
+            problem = _input_problem(path, e, trainer.cfg)
+            if on_error is None:
+                raise DataError(problem) from e
+            on_error(path, problem)
+            continue
         written.append(target)
     return written
+
+
+def _input_problem(path: Path, error: BaseException, cfg: Mapping) -> str:
+    """What is wrong with an input that could not be predicted, naming it: ``fssl validate-data``'s diagnosis of a
+    NIfTI file where it finds one, else the innermost error."""
+    if isinstance(error, DataError):
+        return str(error)
+    if not is_picture(path):
+        spatial_dims, expect_hu = data_expectations(cfg)
+        fatal = [str(p) for p in check_case({"image": str(path)}, "unlabeled", spatial_dims, expect_hu) if p.fatal]
+        if fatal:
+            return "; ".join(fatal)
+    return f"{path}: cannot be predicted ({type(error).__name__}: {' '.join(root_cause(error).split())})"
 
 
 def _output_name(path: Path) -> str:
