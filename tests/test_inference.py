@@ -94,8 +94,11 @@ def test_one_bad_scan_is_named_and_skipped_and_every_other_scan_is_predicted(tmp
     capsys.readouterr()
     assert fssl(["predict", "--model", str(tmp_path / "model.pt"), "--input", str(scans), "--out",
                  str(tmp_path / "out"), "--device", "cpu"]) == 1
-    err = capsys.readouterr().err
+    captured = capsys.readouterr()
+    out, err = captured.out, captured.err
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.nii.gz", "d.nii.gz"]
+    assert f"[1/4] {scans / 'a.nii.gz'} -> {tmp_path / 'out' / 'a.nii.gz'}" in out  # progress, input by input
+    assert f"[4/4] {scans / 'd.nii.gz'} -> " in out and "[2/4] error: " in err
     for name in ("a", "d"):
         assert nib.load(tmp_path / "out" / f"{name}.nii.gz").shape == nib.load(scans / f"{name}.nii.gz").shape
     assert f"{scans / 'b.nii.gz'}: not gzip-compressed" in err

@@ -138,13 +138,21 @@ def cmd_predict(args) -> int:
         return 2
     trainer = _trainer_for(args.model, args.config, args.device)
     failed: list[Path] = []
+    done = 0
 
     def skip(path: Path, problem: str) -> None:  # one bad scan does not cost the others their predictions
+        nonlocal done
         failed.append(path)
-        print(f"error: {problem} (skipped)", file=sys.stderr, flush=True)
+        done += 1
+        print(f"[{done}/{len(images)}] error: {problem} (skipped)", file=sys.stderr, flush=True)
+
+    def wrote(path: Path, target: Path) -> None:  # progress: a folder of CT volumes takes minutes
+        nonlocal done
+        done += 1
+        print(f"[{done}/{len(images)}] {path} -> {target}", flush=True)
 
     written = predict_files(trainer, images, args.out, probabilities=args.probabilities, threshold=args.threshold,
-                            on_error=skip)
+                            on_error=skip, on_written=wrote)
     print(f"wrote {len(written)} {'probability maps' if args.probabilities else 'masks'} to {Path(args.out).resolve()}")
     if failed:
         print(f"error: {len(failed)} of {len(images)} inputs could not be predicted (listed above); the other "

@@ -81,14 +81,15 @@ def resample_to_grid(values: torch.Tensor, src_affine: torch.Tensor, dst_affine:
 
 
 def predict_files(trainer, images: Iterable[str | Path], out_dir: str | Path, probabilities: bool = False,
-                  threshold: float | None = None,
-                  on_error: Callable[[Path, str], None] | None = None) -> list[Path]:
+                  threshold: float | None = None, on_error: Callable[[Path, str], None] | None = None,
+                  on_written: Callable[[Path, Path], None] | None = None) -> list[Path]:
     """Segment ``images`` with ``trainer``'s model; returns the written paths.
 
     ``probabilities`` writes the lesion probability (float32 NIfTI; 8-bit PNG for a picture); otherwise a mask at
     ``threshold`` (default ``inference.threshold`` of the configuration): 0/1 uint8 NIfTI, 0/255 PNG.  An input that
     cannot be predicted raises ``DataError`` naming it and the problem; with ``on_error`` it is reported there
-    instead (the input, the message) and the other inputs are still predicted.
+    instead (the input, the message) and the other inputs are still predicted.  ``on_written`` hears of each
+    output as it is written (the input, the output).
     """
     threshold = trainer.cfg["inference"]["threshold"] if threshold is None else threshold
     images = [Path(p) for p in images]
@@ -126,6 +127,8 @@ def predict_files(trainer, images: Iterable[str | Path], out_dir: str | Path, pr
             on_error(path, problem)
             continue
         written.append(target)
+        if on_written is not None:
+            on_written(path, target)
     return written
 
 
