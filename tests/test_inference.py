@@ -1,5 +1,6 @@
 """Predictions mapped back onto each input's own grid: the resampling against MONAI's and PyTorch's own."""
 
+import json
 import shutil
 
 import nibabel as nib
@@ -106,3 +107,19 @@ def test_one_bad_scan_is_named_and_skipped_and_every_other_scan_is_predicted(tmp
     assert "2 of 4 inputs could not be predicted" in err
     with pytest.raises(DataError, match="b.nii.gz: not gzip-compressed"):
         predict_files(trainer, [scans / "b.nii.gz"], tmp_path / "strict")
+
+
+def test_evaluate_stops_at_an_unreadable_scan_naming_it_and_its_problem(tmp_path, synthetic_sites, tiny_3d, capsys):
+    """A score over part of a test set would mislead, so `fssl evaluate` stops — with validate-data's diagnosis of
+    the file, not only the reader's exception, even where MONAI's transforms wrap it."""
+    trainer = SegmentationTrainer(resolve_config(tiny_3d), {}, device="cpu")
+    save_checkpoint(tmp_path / "model.pt", trainer.get_weights(), trainer.cfg)
+    good = load_datalist(synthetic_sites["china"])["test"][0]
+    (tmp_path / "bad.nii.gz").write_bytes(b"not a scan")
+    for case in ({"image": str(tmp_path / "bad.nii.gz"), "label": good["label"]},
+                 {"image": good["image"], "label": str(tmp_path / "bad.nii.gz")}):
+        (tmp_path / "dl.json").write_text(json.dumps({"test": [good, case]}))
+        capsys.readouterr()
+        assert fssl(["evaluate", "--model", str(tmp_path / "model.pt"), "--datalist", str(tmp_path / "dl.json"),
+                     "--key", "test", "--device", "cpu"]) == 2
+        assert f"error: {tmp_path / 'bad.nii.gz'}: not gzip-compressed" in capsys.readouterr().err

@@ -124,11 +124,17 @@ class BinarizeLabeld(MapTransform):
         return d
 
 
-def root_cause(error: BaseException) -> str:
-    """The innermost message of an exception chain (MONAI wraps transform errors in "applying transform ...")."""
-    while error.__cause__ is not None:
+def innermost(error: BaseException) -> BaseException:
+    """The exception a chain started from (MONAI wraps transform errors in "applying transform ..."), or the first
+    ``DataError`` on the way down: that one already names the file and the problem."""
+    while error.__cause__ is not None and not isinstance(error, DataError):
         error = error.__cause__
-    return str(error)
+    return error
+
+
+def root_cause(error: BaseException) -> str:
+    """The message of ``innermost(error)``."""
+    return str(innermost(error))
 
 
 def _read_channel_last(x) -> bool:

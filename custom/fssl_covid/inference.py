@@ -21,7 +21,7 @@ from monai.data.utils import to_affine_nd
 from monai.transforms import Compose, SpatialResample
 from PIL import Image
 
-from .data import RESAMPLING, DataError, loading, preparation, root_cause
+from .data import RESAMPLING, DataError, innermost, loading, preparation
 from .validation import check_case, data_expectations
 
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -133,16 +133,18 @@ def predict_files(trainer, images: Iterable[str | Path], out_dir: str | Path, pr
 
 
 def _input_problem(path: Path, error: BaseException, cfg: Mapping) -> str:
-    """What is wrong with an input that could not be predicted, naming it: ``fssl validate-data``'s diagnosis of a
-    NIfTI file where it finds one, else the innermost error."""
+    """What is wrong with a file that could not be read or predicted, naming it: ``fssl validate-data``'s diagnosis
+    of a NIfTI file where it finds one, and the innermost error."""
     if isinstance(error, DataError):
         return str(error)
+    inner = innermost(error)
+    cause = f"{type(inner).__name__}: {' '.join(str(inner).split())}"
     if not is_picture(path):
         spatial_dims, expect_hu = data_expectations(cfg)
         fatal = [str(p) for p in check_case({"image": str(path)}, "unlabeled", spatial_dims, expect_hu) if p.fatal]
         if fatal:
-            return "; ".join(fatal)
-    return f"{path}: cannot be predicted ({type(error).__name__}: {' '.join(root_cause(error).split())})"
+            return f"{'; '.join(fatal)} [{cause}]"
+    return f"{path}: cannot be read or predicted ({cause})"
 
 
 def _output_name(path: Path) -> str:
@@ -162,11 +164,16 @@ def score_cases(trainer, cases: list[dict]) -> dict:
     predictor = GridPredictor(trainer)
     d05, dmean = [], []
     for case in cases:
-        target = read_mask(case["label"], trainer.cfg["data"]["spatial_dims"])
+        try:
+            target = read_mask(case["label"], trainer.cfg["data"]["spatial_dims"])
+        except Exception as e:  # a score over part of the scans would mislead: stop, naming the file
+            raise DataError(_input_problem(Path(case["label"]), e, trainer.cfg)) from e
         try:
             prob = predictor(case["image"], target.shape)
         except DataError as e:
             raise DataError(f"{e} (the shape of its mask {case['label']})") from e
+        except Exception as e:
+            raise DataError(_input_problem(Path(case["image"]), e, trainer.cfg)) from e
         d05.append(dice_at(prob, target))
         dmean.append(threshold_averaged_dice(prob, target))
     return {"dice": float(np.mean(d05)), "mean_dice_256": float(np.mean(dmean)), "n": len(d05)}
