@@ -32,8 +32,8 @@ def is_picture(path: str | Path) -> bool:
 
 
 class GridPredictor:
-    """The lesion probability of an image file on the file's own grid (its shape, without resampling): preprocessed
-    as in training, segmented, its lesion log-odds resampled back (``resample_to_grid``).  The protocol of Fan et al.
+    """The lesion probability of an image file on the file's own grid (its shape and affine): preprocessed as in
+    training, segmented, its lesion log-odds resampled back (``resample_to_grid``).  The protocol of Fan et al.
     (2020): a prediction is scored against the mask as it was drawn, not against a resized copy."""
 
     def __init__(self, trainer):
